@@ -1,0 +1,104 @@
+"""Per-task losses and gradients from a function returning a loss vector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def _loss_vector(losses: Any) -> jax.Array:
+  losses = jnp.asarray(losses)
+  if losses.ndim != 1 or not jnp.issubdtype(losses.dtype, jnp.floating):
+    raise ValueError(
+        "The loss function must return a 1-D float vector of task losses, one "
+        f"per task; got shape {losses.shape} and dtype {losses.dtype}."
+    )
+  if losses.shape[0] == 0:
+    raise ValueError("The loss function returned 0 task losses; need at least one.")
+  return losses
+
+
+def per_task_value_and_grad(
+    fun: Callable[..., Any],
+    argnums: int | Sequence[int] = 0,
+    *,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+) -> Callable[..., Any]:
+  """Like ``jax.value_and_grad``, for a function returning T task losses.
+
+  The returned function computes ``losses = fun(*args)`` once and the
+  gradient of every ``losses[i]`` with one batched backward pass (a ``vmap``
+  of the VJP over the one-hot cotangents, i.e. ``jax.jacrev``), giving
+  gradients stacked on a leading task axis: the input of :func:`graddrop`
+  and :func:`graddrop_transform`.
+
+  Memory: the result holds ``T x`` the size of the differentiated arguments,
+  and the batched backward pass keeps ``T`` copies of the backward
+  intermediates at once. ``chunk_size`` bounds the latter to ``chunk_size``
+  copies (``jax.lax.map`` over chunks of tasks) at the price of ``T /
+  chunk_size`` sequential passes. When the shared part of a model feeds task
+  heads through one representation, :func:`graddrop` at that activation
+  needs no per-task gradients at all.
+
+  Args:
+    fun: function whose output is a 1-D float vector of the ``T`` task losses
+      (or ``(losses, aux)`` with ``has_aux``).
+    argnums: which positional argument(s) to differentiate.
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+    chunk_size: tasks per backward pass; ``None`` for all at once.
+
+  Returns:
+    A function with ``fun``'s signature returning ``(losses, task_grads)``,
+    or ``((losses, aux), task_grads)`` with ``has_aux``. ``task_grads`` is
+    shaped like the differentiated argument(s) with a leading axis ``T``
+    (a tuple of them when ``argnums`` is a sequence).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_graddrop import per_task_value_and_grad
+    >>> def task_losses(w):
+    ...   return jnp.stack([jnp.sum(w ** 2), jnp.sum(w)])
+    >>> losses, task_grads = per_task_value_and_grad(task_losses)(jnp.ones(2))
+    >>> task_grads
+    Array([[2., 2.],
+           [1., 1.]], dtype=float32)
+  """
+  if chunk_size is not None and chunk_size < 1:
+    raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size}.")
+  argnum_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+  def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
+    for i in argnum_tuple:
+      if not -len(args) <= i < len(args):
+        raise ValueError(
+            f"`argnums` names positional argument {i}, but the function was "
+            f"called with {len(args)} positional arguments."
+        )
+
+    def fun_of_diff_args(*diff_args: Any) -> Any:
+      full_args = list(args)
+      for i, arg in zip(argnum_tuple, diff_args):
+        full_args[i] = arg
+      return fun(*full_args, **kwargs)
+
+    diff_args = [args[i] for i in argnum_tuple]
+    if has_aux:
+      losses, vjp_fn, aux = jax.vjp(fun_of_diff_args, *diff_args, has_aux=True)
+    else:
+      losses, vjp_fn = jax.vjp(fun_of_diff_args, *diff_args)
+    losses = _loss_vector(losses)
+    cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    if chunk_size is None:
+      task_grads = jax.vmap(vjp_fn)(cotangents)
+    else:
+      task_grads = jax.lax.map(vjp_fn, cotangents, batch_size=chunk_size)
+    if isinstance(argnums, int):
+      (task_grads,) = task_grads
+    value = (losses, aux) if has_aux else losses
+    return value, task_grads
+
+  return value_and_task_grads

@@ -1,0 +1,145 @@
+"""Input checks shared by every public entry point.
+
+All checks run at trace time on shapes and dtypes, so they cost nothing inside
+``jax.jit``. Values (e.g. the leak) are checked only when they are concrete.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.Array:
+  """Returns ``key`` as a typed PRNG key array of shape ``()``.
+
+  Args:
+    key: a typed key (``jax.random.key``), a legacy raw ``uint32`` key
+      (``jax.random.PRNGKey``), or, when ``allow_seed``, an integer seed.
+    allow_seed: whether a Python or NumPy integer is accepted as a seed.
+    name: the argument's name, for error messages.
+
+  Returns:
+    A typed key array of shape ``()``.
+
+  Raises:
+    TypeError: for anything that is not a single PRNG key (or seed).
+  """
+  if allow_seed and isinstance(key, (numbers.Integral, np.integer)) and not isinstance(
+      key, bool
+  ):
+    return jax.random.key(int(key))
+  expected = "a PRNG key from jax.random.key(seed) or jax.random.PRNGKey(seed)"
+  if allow_seed:
+    expected += ", or an int seed"
+  if not isinstance(key, (jax.Array, np.ndarray)):
+    raise TypeError(f"`{name}` must be {expected}; got {type(key).__name__}.")
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise TypeError(
+          f"`{name}` must be a single PRNG key (shape ()); got a key array of "
+          f"shape {key.shape}. Use jax.vmap to map over several keys."
+      )
+    return key
+  raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
+  if key.dtype == np.uint32 and key.shape == raw_shape:
+    return jax.random.wrap_key_data(key)
+  raise TypeError(
+      f"`{name}` must be {expected}; got an array of dtype {key.dtype} and shape "
+      f"{key.shape} (a legacy raw key is uint32 with shape {raw_shape})."
+  )
+
+
+def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
+  """Checks that every leaf is a real float array with the same task axis.
+
+  Args:
+    task_grads: a pytree of per-task gradients, leaves of shape ``[T, ...]``.
+    name: the argument's name, for error messages.
+
+  Returns:
+    The number of tasks ``T``.
+
+  Raises:
+    ValueError: if there are no leaves, a leaf is rank 0, the task axes differ
+      or ``T == 0``.
+    TypeError: if a leaf is not a real floating-point array.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(task_grads)
+  if not leaves:
+    raise ValueError(f"`{name}` has no array leaves; nothing to combine.")
+  sizes: dict[int, str] = {}
+  for path, leaf in leaves:
+    where = f"`{name}{jax.tree_util.keystr(path)}`"
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"{where} has dtype {dtype}; GradDrop needs real floating-point "
+          "gradients (float16, bfloat16, float32 or float64)."
+      )
+    shape = jnp.shape(leaf)
+    if not shape:
+      raise ValueError(
+          f"{where} is a scalar (shape ()); every leaf needs a leading task "
+          "axis of size T, e.g. shape (T,) for a per-task scalar."
+      )
+    sizes.setdefault(shape[0], where)
+  if len(sizes) > 1:
+    found = ", ".join(f"{where}: {size}" for size, where in sizes.items())
+    raise ValueError(
+        f"All leaves of `{name}` must share the leading task axis; found "
+        f"different sizes ({found})."
+    )
+  (num_tasks,) = sizes
+  if num_tasks == 0:
+    raise ValueError(f"`{name}` has a task axis of size 0; need at least one task.")
+  return num_tasks
+
+
+def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
+  """Checks the leak ratio and returns it as a float32 array of shape (T,).
+
+  Args:
+    leak: a scalar or a length-``num_tasks`` array of values in ``[0, 1]``.
+    num_tasks: the number of tasks ``T``.
+
+  Returns:
+    ``None`` when the leak is concretely zero for every task (the fast path),
+    else a float32 array of shape ``(num_tasks,)``.
+
+  Raises:
+    TypeError: if the leak is not a real number or array of them.
+    ValueError: if it has the wrong shape or, when concrete, a value outside
+      ``[0, 1]``.
+  """
+  if isinstance(leak, bool) or not (
+      isinstance(leak, (numbers.Real, np.ndarray, jax.Array, list, tuple))
+  ):
+    raise TypeError(
+        f"`leak` must be a real number or an array of {num_tasks} of them; got "
+        f"{type(leak).__name__}."
+    )
+  if isinstance(leak, (list, tuple)):
+    leak = np.asarray(leak)
+  dtype = jnp.result_type(leak)
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"`leak` must hold real numbers; got dtype {dtype}.")
+  shape = jnp.shape(leak)
+  if shape not in ((), (num_tasks,)):
+    raise ValueError(
+        f"`leak` must be a scalar or have shape ({num_tasks},), one value per "
+        f"task; got shape {shape}."
+    )
+  if isinstance(leak, jax.core.Tracer):
+    # Traced values cannot be inspected; the caller vouches for the range.
+    return jnp.broadcast_to(jnp.asarray(leak, jnp.float32), (num_tasks,))
+  values = np.asarray(leak, dtype=np.float64)
+  if not np.all((values >= 0.0) & (values <= 1.0)):
+    raise ValueError(f"`leak` must lie in [0, 1] for every task; got {values.tolist()}.")
+  if not np.any(values):
+    return None
+  return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (num_tasks,))

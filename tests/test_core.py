@@ -1,0 +1,294 @@
+"""Tests of graddrop(): exact properties, statistics, transformations, dtypes."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import optax_graddrop as ogd
+
+DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
+
+
+def _plain_sum(task_grads):
+  return jax.tree.map(lambda g: jnp.sum(g.astype(jnp.float32), 0).astype(g.dtype), task_grads)
+
+
+def _run(jit, fn, *args):
+  return jax.jit(fn)(*args) if jit else fn(*args)
+
+
+@st.composite
+def task_stacks(draw, signs="any"):
+  """A [T, ...] stack of finite values in one of the supported dtypes."""
+  num_tasks = draw(st.integers(1, 5))
+  shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, max_side=5))
+  dtype = draw(st.sampled_from(DTYPES))
+  values = draw(
+      hnp.arrays(
+          np.float32,
+          (num_tasks, *shape),
+          elements=st.floats(-100, 100, width=32).filter(lambda v: v == 0 or abs(v) > 1e-3),
+      )
+  )
+  if signs == "agree":
+    column_sign = np.where(draw(hnp.arrays(np.bool_, shape)), 1.0, -1.0)
+    values = np.abs(values) * column_sign
+  return jnp.asarray(values, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(task_stacks(signs="agree"), st.sampled_from(["linear", "sigmoid", "random"]))
+def test_agreeing_signs_give_the_plain_sum(task_grads, keep):
+  out = ogd.graddrop(task_grads, jax.random.key(0), keep=keep)
+  chex.assert_trees_all_close(out, _plain_sum(task_grads), rtol=1e-6)
+  assert out.dtype == task_grads.dtype
+
+
+@settings(max_examples=25, deadline=None)
+@given(task_stacks())
+def test_full_leak_gives_the_plain_sum(task_grads):
+  out = ogd.graddrop(task_grads, jax.random.key(1), leak=1.0)
+  chex.assert_trees_all_close(out, _plain_sum(task_grads), rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(task_stacks())
+def test_each_output_is_the_sum_of_one_sign(task_grads):
+  out = np.asarray(ogd.graddrop(task_grads, jax.random.key(2)), np.float32)
+  g = np.asarray(task_grads, np.float32)
+  positive = np.asarray(np.where(g > 0, g, 0).sum(0).astype(task_grads.dtype), np.float32)
+  negative = np.asarray(np.where(g < 0, g, 0).sum(0).astype(task_grads.dtype), np.float32)
+  tol = 1e-2 * (np.abs(g).sum(0) + 1e-3)
+  assert np.all((np.abs(out - positive) <= tol) | (np.abs(out - negative) <= tol))
+
+
+@settings(max_examples=15, deadline=None)
+@given(task_stacks())
+def test_a_single_task_passes_through(task_grads):
+  single = task_grads[:1]
+  chex.assert_trees_all_equal(ogd.graddrop(single, jax.random.key(3)), single[0])
+
+
+def test_zeros_stay_exactly_zero():
+  task_grads = {"a": jnp.zeros((3, 4, 5)), "b": jnp.zeros((2, 7), jnp.bfloat16)[:, :]}
+  task_grads["b"] = jnp.zeros((3, 7), jnp.bfloat16)
+  out = ogd.graddrop(task_grads, jax.random.key(0), preserve_norm=True)
+  chex.assert_trees_all_equal(out, jax.tree.map(lambda g: jnp.zeros_like(g[0]), task_grads))
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.3, [0.0, 0.5, 1.0]])
+def test_preserve_norm_gives_the_plain_sum_norm(leak):
+  task_grads = {
+      "w": jax.random.normal(jax.random.key(0), (3, 64, 32)),
+      "b": jax.random.normal(jax.random.key(1), (3, 32)),
+  }
+  out = ogd.graddrop(task_grads, jax.random.key(2), leak=leak, preserve_norm=True)
+  for name in task_grads:
+    np.testing.assert_allclose(
+        jnp.linalg.norm(out[name]), jnp.linalg.norm(task_grads[name].sum(0)), rtol=1e-5
+    )
+  unnormed = ogd.graddrop(task_grads, jax.random.key(2), leak=leak)
+  # Rescaling keeps the direction.
+  cos = jnp.vdot(out["w"], unnormed["w"]) / (
+      jnp.linalg.norm(out["w"]) * jnp.linalg.norm(unnormed["w"])
+  )
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+
+
+def test_leak_per_task_matches_the_formula():
+  # out = sum_i (l_i + (1 - l_i) M_i) g_i, with the masks sign_masks returns.
+  task_grads = jax.random.normal(jax.random.key(0), (3, 1000))
+  key = jax.random.key(1)
+  leak = jnp.array([0.0, 0.25, 1.0])
+  masks = ogd.sign_masks(task_grads, key)
+  expected = jnp.sum((leak[:, None] + (1 - leak[:, None]) * masks) * task_grads, 0)
+  chex.assert_trees_all_close(ogd.graddrop(task_grads, key, leak=leak), expected, rtol=1e-5)
+  chex.assert_trees_all_close(
+      ogd.graddrop(task_grads, key), jnp.sum(masks * task_grads, 0), rtol=1e-6
+  )
+
+
+def test_sign_masks_keep_exactly_one_sign_per_scalar():
+  task_grads = jax.random.normal(jax.random.key(0), (4, 5000))
+  masks = ogd.sign_masks(task_grads, jax.random.key(1))
+  kept_signs = jnp.where(masks, jnp.sign(task_grads), 0)
+  assert not jnp.any((kept_signs > 0).any(0) & (kept_signs < 0).any(0))
+  # The kept sign is never empty where the scalar has any non-zero entry.
+  assert jnp.all((kept_signs != 0).any(0))
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("preserve_norm", [False, True])
+def test_non_finite_values_stay_visible(bad, jit, preserve_norm):
+  task_grads = jax.random.normal(jax.random.key(0), (3, 100))
+  task_grads = task_grads.at[1, 17].set(bad).at[0, 17].set(-5.0).at[2, 17].set(2.0)
+  task_grads = task_grads.at[0, 40].set(bad)
+  for key in range(5):
+    out = _run(
+        jit,
+        lambda g, k: ogd.graddrop(g, k, preserve_norm=preserve_norm),
+        task_grads,
+        jax.random.key(key),
+    )
+    assert not jnp.isfinite(out[17]) and not jnp.isfinite(out[40])
+    if not preserve_norm:
+      assert jnp.isnan(out[17]) == jnp.isnan(bad)
+      assert jnp.isfinite(out).sum() == 98
+
+
+def test_opposite_infinities_give_nan():
+  task_grads = jnp.array([[jnp.inf], [-jnp.inf]])
+  assert jnp.isnan(ogd.graddrop(task_grads, jax.random.key(0))[0])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_output_keeps_the_input_dtype(dtype):
+  task_grads = {"w": jax.random.normal(jax.random.key(0), (4, 3, 2), dtype)}
+  out = ogd.graddrop(task_grads, jax.random.key(1), leak=0.2, preserve_norm=True)
+  assert out["w"].dtype == dtype
+
+
+def test_bf16_picks_the_same_signs_as_float32():
+  # Purity is computed in float32, so the choice equals that of the upcast input.
+  task_grads = jax.random.normal(jax.random.key(0), (3, 4096), jnp.bfloat16)
+  key = jax.random.key(5)
+  out_bf16 = ogd.graddrop(task_grads, key)
+  out_f32 = ogd.graddrop(task_grads.astype(jnp.float32), key)
+  chex.assert_trees_all_equal(out_bf16, out_f32.astype(jnp.bfloat16))
+
+
+def test_float64_input_stays_float64():
+  with jax.enable_x64(True):
+    task_grads = jax.random.normal(jax.random.key(0), (3, 50), jnp.float64)
+    out = ogd.graddrop(task_grads, jax.random.key(1))
+    assert out.dtype == jnp.float64
+    assert ogd.sign_purity(task_grads).dtype == jnp.float64
+
+
+@pytest.mark.parametrize("keep", ["linear", "sigmoid", "random"])
+def test_jit_and_eager_are_bit_identical(keep):
+  task_grads = {
+      "conv": jax.random.normal(jax.random.key(0), (3, 3, 3, 8, 16)),
+      "bias": jax.random.normal(jax.random.key(1), (3, 16), jnp.bfloat16),
+  }
+  key = jax.random.key(42)
+  eager = ogd.graddrop(task_grads, key, keep=keep, leak=[0.1, 0.0, 1.0], return_stats=True)
+  jitted = jax.jit(
+      lambda g, k: ogd.graddrop(g, k, keep=keep, leak=[0.1, 0.0, 1.0], return_stats=True)
+  )(task_grads, key)
+  chex.assert_trees_all_equal(eager[0], jitted[0])
+  # The diagnostics are ratios of exact counts; XLA may round the division
+  # differently under jit.
+  chex.assert_trees_all_close(eager[1], jitted[1], rtol=1e-6)
+
+
+def test_legacy_and_typed_keys_agree():
+  task_grads = jax.random.normal(jax.random.key(0), (2, 300))
+  chex.assert_trees_all_equal(
+      ogd.graddrop(task_grads, jax.random.PRNGKey(7)),
+      ogd.graddrop(task_grads, jax.random.key(7)),
+  )
+
+
+def test_different_keys_differ_and_leaves_are_independent():
+  same = jax.random.normal(jax.random.key(0), (2, 20000))
+  out = ogd.graddrop({"a": same, "b": same}, jax.random.key(1))
+  picks_a, picks_b = out["a"] == jnp.maximum(same, 0).sum(0), out["b"] == jnp.maximum(
+      same, 0
+  ).sum(0)
+  conflict = (same > 0).any(0) & (same < 0).any(0)
+  agreement = jnp.mean(picks_a[conflict] == picks_b[conflict])
+  # Independent picks with keep probability p agree with probability
+  # p^2 + (1-p)^2 < 1; identical streams would agree always.
+  assert agreement < 0.8
+  other = ogd.graddrop({"a": same, "b": same}, jax.random.key(2))
+  assert not jnp.array_equal(out["a"], other["a"])
+
+
+def test_vmap_over_independent_problems():
+  task_grads = jax.random.normal(jax.random.key(0), (6, 3, 40))
+  keys = jax.random.split(jax.random.key(1), 6)
+  batched = jax.vmap(lambda g, k: ogd.graddrop(g, k, leak=0.1))(task_grads, keys)
+  one_by_one = jnp.stack([ogd.graddrop(g, k, leak=0.1) for g, k in zip(task_grads, keys)])
+  chex.assert_trees_all_equal(batched, one_by_one)
+  jitted = jax.jit(jax.vmap(ogd.graddrop))(task_grads, keys)
+  chex.assert_trees_all_equal(jitted, jax.vmap(ogd.graddrop)(task_grads, keys))
+
+
+def test_stats_count_conflicts_and_kept_entries():
+  task_grads = jnp.array([[1.0, 2.0, -1.0, 0.0], [3.0, -1.0, -2.0, 0.0], [2.0, 1.0, 0.0, 0.0]])
+  out, stats = ogd.graddrop(task_grads, jax.random.key(0), return_stats=True)
+  np.testing.assert_allclose(stats.conflict_fraction, 1 / 4)
+  masks = ogd.sign_masks(task_grads, jax.random.key(0))
+  np.testing.assert_allclose(stats.kept_fraction, jnp.mean(masks))
+  # Column 1 keeps either the two positives or the one negative: 11 or 10 of 12.
+  assert np.isclose(stats.kept_fraction, 11 / 12) or np.isclose(stats.kept_fraction, 10 / 12)
+
+
+def test_stats_on_random_tasks_follow_the_expected_rates():
+  task_grads = jax.random.normal(jax.random.key(0), (2, 200_000))
+  _, stats = ogd.graddrop(task_grads, jax.random.key(1), return_stats=True)
+  # Two independent symmetric tasks disagree in sign half the time, and a
+  # conflicting scalar drops exactly one of its two entries.
+  n = task_grads.shape[1]
+  bound = 6 * math.sqrt(0.25 / n)
+  assert abs(float(stats.conflict_fraction) - 0.5) < bound
+  np.testing.assert_allclose(
+      stats.kept_fraction, 1 - float(stats.conflict_fraction) / 2, rtol=1e-6
+  )
+
+
+# --- Statistical checks of the keep probability -------------------------------
+
+# Three tasks (2, -1, 0.5): P = 1/2 (1 + 1.5 / 3.5) = 5/7.
+_PURITY = 5 / 7
+
+
+@pytest.mark.parametrize(
+    ("keep", "scale", "expected"),
+    [
+        ("linear", 1.0, _PURITY),
+        ("linear", 0.5, 0.5 + 0.5 * (_PURITY - 0.5)),
+        ("linear", 3.0, 1.0),  # 0.5 + 3 (P - 0.5) > 1 acts as 1
+        ("sigmoid", 1.0, 1 / (1 + math.exp(-4 * (_PURITY - 0.5)))),
+        ("sigmoid", 2.5, 1 / (1 + math.exp(-10 * (_PURITY - 0.5)))),
+        ("random", 1.0, 0.5),
+        (lambda p: p**2, 1.0, _PURITY**2),
+    ],
+)
+def test_positive_set_is_kept_with_probability_f_of_purity(keep, scale, expected):
+  n = 400_000
+  task_grads = jnp.broadcast_to(jnp.array([2.0, -1.0, 0.5])[:, None], (3, n))
+  np.testing.assert_allclose(ogd.sign_purity(task_grads)[0], _PURITY, rtol=1e-6)
+  out = ogd.graddrop(task_grads, jax.random.key(11), keep=keep, scale=scale)
+  assert jnp.all((out == 2.5) | (out == -1.0))
+  freq = float(jnp.mean(out == 2.5))
+  # Binomial standard error; 6 sigma, plus the 2**-16 resolution of U.
+  sigma = math.sqrt(max(expected * (1 - expected), 1e-12) / n)
+  assert abs(freq - expected) <= 6 * sigma + 2**-16, (freq, expected)
+
+
+def test_monte_carlo_mean_matches_the_closed_form_expectation():
+  # E[out] = sum_i g_i ([g_i > 0] f(P) + [g_i < 0] (1 - f(P))) at conflicts.
+  num_keys, num_scalars = 4000, 48
+  task_grads = jax.random.normal(jax.random.key(3), (4, num_scalars))
+  g = np.asarray(task_grads, np.float64)
+  positive, negative = np.where(g > 0, g, 0).sum(0), np.where(g < 0, g, 0).sum(0)
+  purity = 0.5 * (1 + (positive + negative) / (positive - negative))
+  expected = positive * purity + negative * (1 - purity)
+  std = np.sqrt(purity * (1 - purity)) * (positive - negative)
+
+  keys = jax.random.split(jax.random.key(4), num_keys)
+  samples = jax.jit(jax.vmap(ogd.graddrop, in_axes=(None, 0)))(task_grads, keys)
+  mean = np.asarray(samples, np.float64).mean(0)
+  bound = 5.5 * std / math.sqrt(num_keys) + 2**-16 * (positive - negative) + 1e-5
+  assert np.all(np.abs(mean - expected) <= bound), np.max(np.abs(mean - expected) / bound)
