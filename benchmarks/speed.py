@@ -21,12 +21,12 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 import optax_graddrop as ogd
 
@@ -34,14 +34,12 @@ import optax_graddrop as ogd
 def _machine() -> str:
   device = jax.devices()[0]
   return (
-      f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
-      f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
   )
 
 
-def _interleaved_medians(
-    fns: dict[str, Callable[[], Any]], repeats: int
-) -> dict[str, float]:
+def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
   """Median seconds per call, each method timed in turn every round."""
   for fn in fns.values():
     jax.block_until_ready(fn())
@@ -64,8 +62,8 @@ def _torchjd_methods(task_grads: jax.Array) -> dict[str, Callable[[], Any]]:
   matrix = torch.from_numpy(np.asarray(task_grads))
   aggregator = GradDrop()
   return {
-      "torch plain sum": lambda: matrix.sum(0),
-      "torchjd GradDrop": lambda: aggregator(matrix),
+    "torch plain sum": lambda: matrix.sum(0),
+    "torchjd GradDrop": lambda: aggregator(matrix),
   }
 
 
@@ -89,45 +87,59 @@ def run(num_tasks: int, size: int, repeats: int) -> list[dict[str, Any]]:
   state = tx.init(task_grads[0])
   update = jax.jit(tx.update)
   fns: dict[str, Callable[[], Any]] = {
-      "plain sum (floor)": lambda: floor(task_grads),
-      "sum over task axis": lambda: naive(task_grads),
-      "graddrop": lambda: drop(task_grads, key),
-      "graddrop + stats": lambda: drop_stats(task_grads, key),
-      "graddrop preserve_norm": lambda: drop_norm(task_grads, key),
-      "graddrop_transform.update": lambda: update(task_grads, state),
+    "plain sum (floor)": lambda: floor(task_grads),
+    "sum over task axis": lambda: naive(task_grads),
+    "graddrop": lambda: drop(task_grads, key),
+    "graddrop + stats": lambda: drop_stats(task_grads, key),
+    "graddrop preserve_norm": lambda: drop_norm(task_grads, key),
+    "graddrop_transform.update": lambda: update(task_grads, state),
   }
   times = _interleaved_medians(fns, repeats)
   rows = [
-      {"tasks": num_tasks, "size": size, "method": name, "seconds": t,
-       "ratio": t / times["plain sum (floor)"]}
-      for name, t in times.items()
+    {
+      "tasks": num_tasks,
+      "size": size,
+      "method": name,
+      "seconds": t,
+      "ratio": t / times["plain sum (floor)"],
+    }
+    for name, t in times.items()
   ]
   torch_fns = _torchjd_methods(task_grads)
   if torch_fns:
     torch_times = _interleaved_medians(torch_fns, repeats)
     base = torch_times["torch plain sum"]
     rows += [
-        {"tasks": num_tasks, "size": size, "method": f"{name} (vs torch sum)",
-         "seconds": t, "ratio": t / base}
-        for name, t in torch_times.items()
+      {
+        "tasks": num_tasks,
+        "size": size,
+        "method": f"{name} (vs torch sum)",
+        "seconds": t,
+        "ratio": t / base,
+      }
+      for name, t in torch_times.items()
     ]
-    rows.append({
-        "tasks": num_tasks, "size": size, "method": "torchjd GradDrop / graddrop",
+    rows.append(
+      {
+        "tasks": num_tasks,
+        "size": size,
+        "method": "torchjd GradDrop / graddrop",
         "seconds": torch_times["torchjd GradDrop"],
         "ratio": torch_times["torchjd GradDrop"] / times["graddrop"],
-    })
+      }
+    )
   return rows
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = [
-      "| T | N | method | median ms | ratio |",
-      "|---:|---:|---|---:|---:|",
+    "| T | N | method | median ms | ratio |",
+    "|---:|---:|---|---:|---:|",
   ]
   for r in rows:
     lines.append(
-        f"| {r['tasks']} | {r['size']:,} | {r['method']} | "
-        f"{1e3 * r['seconds']:.2f} | {r['ratio']:.2f}x |"
+      f"| {r['tasks']} | {r['size']:,} | {r['method']} | "
+      f"{1e3 * r['seconds']:.2f} | {r['ratio']:.2f}x |"
     )
   return "\n".join(lines)
 

@@ -18,14 +18,14 @@ from optax_graddrop._transform import graddrop_transform
 __version__ = "0.1.0"
 
 __all__ = [
-    "GradDropState",
-    "GradDropStats",
-    "Keep",
-    "KeepFn",
-    "graddrop",
-    "graddrop_transform",
-    "keep_fn",
-    "per_task_value_and_grad",
-    "sign_masks",
-    "sign_purity",
+  "GradDropState",
+  "GradDropStats",
+  "Keep",
+  "KeepFn",
+  "graddrop",
+  "graddrop_transform",
+  "keep_fn",
+  "per_task_value_and_grad",
+  "sign_masks",
+  "sign_purity",
 ]

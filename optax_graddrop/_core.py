@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, Union
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +33,7 @@ from optax_graddrop import _random
 from optax_graddrop import _validation
 
 KeepFn = Callable[[jax.Array], jax.Array]
-Keep = Union[Literal["linear", "sigmoid", "random"], KeepFn]
+Keep = Literal["linear", "sigmoid", "random"] | KeepFn
 
 
 class GradDropStats(NamedTuple):
@@ -133,8 +136,8 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
   if callable(keep) or keep == "random":
     if scale != 1.0:
       raise ValueError(
-          f"`scale` only applies to keep='linear' or 'sigmoid'; got scale={scale} "
-          f"with keep={keep!r}. Fold the scale into your keep function."
+        f"`scale` only applies to keep='linear' or 'sigmoid'; got scale={scale} "
+        f"with keep={keep!r}. Fold the scale into your keep function."
       )
     if callable(keep):
       return keep
@@ -144,20 +147,18 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
   if keep == "sigmoid":
     return lambda purity: jax.nn.sigmoid(4.0 * scale * (purity - 0.5))
   raise ValueError(
-      f"Unknown `keep`={keep!r}; expected 'linear', 'sigmoid', 'random' or a "
-      "callable mapping purity to a keep probability."
+    f"Unknown `keep`={keep!r}; expected 'linear', 'sigmoid', 'random' or a "
+    "callable mapping purity to a keep probability."
   )
 
 
 def _keep_probability(fn: KeepFn, purity: jax.Array) -> jax.Array:
   prob = fn(purity)
-  if jnp.shape(prob) != purity.shape or not jnp.issubdtype(
-      jnp.result_type(prob), jnp.floating
-  ):
+  if jnp.shape(prob) != purity.shape or not jnp.issubdtype(jnp.result_type(prob), jnp.floating):
     raise ValueError(
-        "The `keep` function must map a float array of purities to a float array "
-        f"of the same shape; got shape {jnp.shape(prob)} and dtype "
-        f"{jnp.result_type(prob)} for purities of shape {purity.shape}."
+      "The `keep` function must map a float array of purities to a float array "
+      f"of the same shape; got shape {jnp.shape(prob)} and dtype "
+      f"{jnp.result_type(prob)} for purities of shape {purity.shape}."
     )
   return prob
 
@@ -172,7 +173,7 @@ class _SignChoice(NamedTuple):
 
 
 def _choose_signs(
-    slices: Sequence[jax.Array], key: jax.Array, fn: KeepFn, eps: float
+  slices: Sequence[jax.Array], key: jax.Array, fn: KeepFn, eps: float
 ) -> _SignChoice:
   positive, negative = _sign_sums(slices)
   purity = _purity_from_sums(positive, negative, eps)
@@ -195,12 +196,12 @@ class _LeafResult(NamedTuple):
 
 
 def _graddrop_leaf(
-    task_grad: jax.Array,
-    key: jax.Array,
-    leak: jax.Array | None,
-    fn: KeepFn,
-    eps: float,
-    with_stats: bool,
+  task_grad: jax.Array,
+  key: jax.Array,
+  leak: jax.Array | None,
+  fn: KeepFn,
+  eps: float,
+  with_stats: bool,
 ) -> _LeafResult:
   slices = _task_slices(task_grad)
   choice = _choose_signs(slices, key, fn, eps)
@@ -208,12 +209,12 @@ def _graddrop_leaf(
   if leak is None:
     kept_positive, kept_negative, leaked = choice.positive, choice.negative, None
   else:
-    kept_positive, kept_negative = _sign_sums([(1 - l) * s for l, s in zip(leak, slices)])
-    leaked = _total([l * s for l, s in zip(leak, slices)])
+    kept_positive, kept_negative = _sign_sums([(1 - rate) * s for rate, s in zip(leak, slices)])
+    leaked = _total([rate * s for rate, s in zip(leak, slices)])
   combined = jnp.where(
-      choice.conflict,
-      jnp.where(choice.choose_positive, kept_positive, kept_negative),
-      kept_positive + kept_negative,
+    choice.conflict,
+    jnp.where(choice.choose_positive, kept_positive, kept_negative),
+    kept_positive + kept_negative,
   )
   if leaked is not None:
     combined = combined + leaked
@@ -221,9 +222,9 @@ def _graddrop_leaf(
   combined = jnp.where(jnp.isfinite(choice.positive - choice.negative), combined, plain_sum)
 
   if with_stats:
-    num_dropped = _total([
-        jnp.where(choice.choose_positive, s < 0, s > 0).astype(jnp.int32) for s in slices
-    ])
+    num_dropped = _total(
+      [jnp.where(choice.choose_positive, s < 0, s > 0).astype(jnp.int32) for s in slices]
+    )
     dropped = jnp.sum(jnp.where(choice.conflict, num_dropped, 0))
     conflicts = jnp.sum(choice.conflict, dtype=jnp.int32)
   else:
@@ -238,27 +239,25 @@ def _rescale_to_norm(combined: jax.Array, target: jax.Array) -> jax.Array:
   return combined * (target_norm / jnp.where(norm > 0, norm, 1.0))
 
 
-def _stats(
-    results: Sequence[_LeafResult], num_scalars: int, num_tasks: int
-) -> GradDropStats:
+def _stats(results: Sequence[_LeafResult], num_scalars: int, num_tasks: int) -> GradDropStats:
   conflicts = _total([r.conflicts.astype(jnp.float32) for r in results])
   dropped = _total([r.dropped.astype(jnp.float32) for r in results])
   return GradDropStats(
-      conflict_fraction=conflicts / max(num_scalars, 1),
-      kept_fraction=1.0 - dropped / max(num_scalars * num_tasks, 1),
+    conflict_fraction=conflicts / max(num_scalars, 1),
+    kept_fraction=1.0 - dropped / max(num_scalars * num_tasks, 1),
   )
 
 
 def graddrop(
-    task_grads: Any,
-    key: jax.Array,
-    *,
-    leak: Any = 0.0,
-    keep: Keep = "linear",
-    scale: float = 1.0,
-    eps: float = 1e-7,
-    preserve_norm: bool = False,
-    return_stats: bool = False,
+  task_grads: Any,
+  key: jax.Array,
+  *,
+  leak: Any = 0.0,
+  keep: Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 1e-7,
+  preserve_norm: bool = False,
+  return_stats: bool = False,
 ) -> Any:
   """Combines per-task gradients with Gradient Sign Dropout.
 
@@ -277,7 +276,9 @@ def graddrop(
   visible (e.g. to ``optax.apply_if_finite``).
 
   Randomness: each leaf draws from ``fold_in(key, leaf_index)``; the same key
-  gives the same result with and without ``jax.jit`` and under ``jax.vmap``.
+  gives the same masks with and without ``jax.jit`` and under ``jax.vmap``,
+  and bit-identical outputs when ``leak`` is 0 (with a leak, XLA may fuse
+  the weighted sums into FMAs under jit, which can change the last bit).
   ``U`` has 16-bit resolution, so a sign is kept with probability within
   ``2**-16`` of ``f(P)`` (exact at ``f = 0`` and ``f = 1``).
 
@@ -329,7 +330,7 @@ def graddrop(
   results = []
   for leaf, leaf_key in zip(leaves, _random.leaf_keys(key, len(leaves))):
     results.append(
-        _graddrop_leaf(jnp.asarray(leaf), leaf_key, leak_per_task, fn, eps, return_stats)
+      _graddrop_leaf(jnp.asarray(leaf), leaf_key, leak_per_task, fn, eps, return_stats)
     )
 
   outputs = []
@@ -346,12 +347,12 @@ def graddrop(
 
 
 def sign_masks(
-    task_grads: Any,
-    key: jax.Array,
-    *,
-    keep: Keep = "linear",
-    scale: float = 1.0,
-    eps: float = 1e-7,
+  task_grads: Any,
+  key: jax.Array,
+  *,
+  keep: Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 1e-7,
 ) -> Any:
   """The masks ``M_i`` that :func:`graddrop` applies, for inspection.
 
@@ -387,7 +388,5 @@ def sign_masks(
     slices = _task_slices(jnp.asarray(leaf))
     choice = _choose_signs(slices, leaf_key, fn, eps)
     pick = choice.choose_positive
-    masks.append(
-        jnp.stack([~choice.conflict | jnp.where(pick, s >= 0, s <= 0) for s in slices])
-    )
+    masks.append(jnp.stack([~choice.conflict | jnp.where(pick, s >= 0, s <= 0) for s in slices]))
   return jax.tree_util.tree_unflatten(treedef, masks)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,8 +14,8 @@ def _loss_vector(losses: Any) -> jax.Array:
   losses = jnp.asarray(losses)
   if losses.ndim != 1 or not jnp.issubdtype(losses.dtype, jnp.floating):
     raise ValueError(
-        "The loss function must return a 1-D float vector of task losses, one "
-        f"per task; got shape {losses.shape} and dtype {losses.dtype}."
+      "The loss function must return a 1-D float vector of task losses, one "
+      f"per task; got shape {losses.shape} and dtype {losses.dtype}."
     )
   if losses.shape[0] == 0:
     raise ValueError("The loss function returned 0 task losses; need at least one.")
@@ -22,11 +23,11 @@ def _loss_vector(losses: Any) -> jax.Array:
 
 
 def per_task_value_and_grad(
-    fun: Callable[..., Any],
-    argnums: int | Sequence[int] = 0,
-    *,
-    has_aux: bool = False,
-    chunk_size: int | None = None,
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
+  chunk_size: int | None = None,
 ) -> Callable[..., Any]:
   """Like ``jax.value_and_grad``, for a function returning T task losses.
 
@@ -75,8 +76,8 @@ def per_task_value_and_grad(
     for i in argnum_tuple:
       if not -len(args) <= i < len(args):
         raise ValueError(
-            f"`argnums` names positional argument {i}, but the function was "
-            f"called with {len(args)} positional arguments."
+          f"`argnums` names positional argument {i}, but the function was "
+          f"called with {len(args)} positional arguments."
         )
 
     def fun_of_diff_args(*diff_args: Any) -> Any:

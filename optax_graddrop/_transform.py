@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +26,20 @@ class GradDropState(NamedTuple):
       ``track_stats=False``).
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
   rng_key: jax.Array
   stats: _core.GradDropStats
 
 
 def graddrop_transform(
-    key: jax.Array | int,
-    *,
-    leak: Any = 0.0,
-    keep: _core.Keep = "linear",
-    scale: float = 1.0,
-    eps: float = 1e-7,
-    preserve_norm: bool = False,
-    track_stats: bool = True,
+  key: jax.Array | int,
+  *,
+  leak: Any = 0.0,
+  keep: _core.Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 1e-7,
+  preserve_norm: bool = False,
+  track_stats: bool = True,
 ) -> aggregating.Aggregator:
   """GradDrop as an Optax aggregator: stacked per-task updates in, one out.
 
@@ -95,19 +96,19 @@ def graddrop_transform(
   def init_fn(params: optax.Params) -> GradDropState:
     del params
     return GradDropState(
-        count=jnp.zeros([], jnp.int32),
-        rng_key=initial_key,
-        stats=_core.GradDropStats(
-            conflict_fraction=jnp.zeros([], jnp.float32),
-            kept_fraction=jnp.ones([], jnp.float32),
-        ),
+      count=jnp.zeros([], jnp.int32),
+      rng_key=initial_key,
+      stats=_core.GradDropStats(
+        conflict_fraction=jnp.zeros([], jnp.float32),
+        kept_fraction=jnp.ones([], jnp.float32),
+      ),
     )
 
   def update_fn(
-      task_updates: optax.Updates,
-      state: GradDropState,
-      params: optax.Params | None = None,
-      **extra_args: Any,
+    task_updates: optax.Updates,
+    state: GradDropState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
   ) -> tuple[optax.Updates, GradDropState]:
     del params, extra_args
     next_key, step_key = jax.random.split(state.rng_key)
@@ -116,7 +117,7 @@ def graddrop_transform(
     else:
       updates, stats = _core.graddrop(task_updates, step_key, **options), state.stats
     new_state = GradDropState(
-        count=optax.safe_increment(state.count), rng_key=next_key, stats=stats
+      count=optax.safe_increment(state.count), rng_key=next_key, stats=stats
     )
     return updates, new_state
 

@@ -29,28 +29,27 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   Raises:
     TypeError: for anything that is not a single PRNG key (or seed).
   """
-  if allow_seed and isinstance(key, (numbers.Integral, np.integer)) and not isinstance(
-      key, bool
-  ):
+  if allow_seed and isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
     return jax.random.key(int(key))
   expected = "a PRNG key from jax.random.key(seed) or jax.random.PRNGKey(seed)"
   if allow_seed:
     expected += ", or an int seed"
   if not isinstance(key, (jax.Array, np.ndarray)):
     raise TypeError(f"`{name}` must be {expected}; got {type(key).__name__}.")
+  key = jnp.asarray(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     if key.shape != ():
       raise TypeError(
-          f"`{name}` must be a single PRNG key (shape ()); got a key array of "
-          f"shape {key.shape}. Use jax.vmap to map over several keys."
+        f"`{name}` must be a single PRNG key (shape ()); got a key array of "
+        f"shape {key.shape}. Use jax.vmap to map over several keys."
       )
     return key
   raw_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape
   if key.dtype == np.uint32 and key.shape == raw_shape:
     return jax.random.wrap_key_data(key)
   raise TypeError(
-      f"`{name}` must be {expected}; got an array of dtype {key.dtype} and shape "
-      f"{key.shape} (a legacy raw key is uint32 with shape {raw_shape})."
+    f"`{name}` must be {expected}; got an array of dtype {key.dtype} and shape "
+    f"{key.shape} (a legacy raw key is uint32 with shape {raw_shape})."
   )
 
 
@@ -78,21 +77,20 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"{where} has dtype {dtype}; GradDrop needs real floating-point "
-          "gradients (float16, bfloat16, float32 or float64)."
+        f"{where} has dtype {dtype}; GradDrop needs real floating-point "
+        "gradients (float16, bfloat16, float32 or float64)."
       )
     shape = jnp.shape(leaf)
     if not shape:
       raise ValueError(
-          f"{where} is a scalar (shape ()); every leaf needs a leading task "
-          "axis of size T, e.g. shape (T,) for a per-task scalar."
+        f"{where} is a scalar (shape ()); every leaf needs a leading task "
+        "axis of size T, e.g. shape (T,) for a per-task scalar."
       )
     sizes.setdefault(shape[0], where)
   if len(sizes) > 1:
     found = ", ".join(f"{where}: {size}" for size, where in sizes.items())
     raise ValueError(
-        f"All leaves of `{name}` must share the leading task axis; found "
-        f"different sizes ({found})."
+      f"All leaves of `{name}` must share the leading task axis; found different sizes ({found})."
     )
   (num_tasks,) = sizes
   if num_tasks == 0:
@@ -117,11 +115,10 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
       ``[0, 1]``.
   """
   if isinstance(leak, bool) or not (
-      isinstance(leak, (numbers.Real, np.ndarray, jax.Array, list, tuple))
+    isinstance(leak, (numbers.Real, np.ndarray, jax.Array, list, tuple))
   ):
     raise TypeError(
-        f"`leak` must be a real number or an array of {num_tasks} of them; got "
-        f"{type(leak).__name__}."
+      f"`leak` must be a real number or an array of {num_tasks} of them; got {type(leak).__name__}."
     )
   if isinstance(leak, (list, tuple)):
     leak = np.asarray(leak)
@@ -131,8 +128,8 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
   shape = jnp.shape(leak)
   if shape not in ((), (num_tasks,)):
     raise ValueError(
-        f"`leak` must be a scalar or have shape ({num_tasks},), one value per "
-        f"task; got shape {shape}."
+      f"`leak` must be a scalar or have shape ({num_tasks},), one value per "
+      f"task; got shape {shape}."
     )
   if isinstance(leak, jax.core.Tracer):
     # Traced values cannot be inspected; the caller vouches for the range.

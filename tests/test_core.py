@@ -32,11 +32,11 @@ def task_stacks(draw, signs="any"):
   shape = draw(hnp.array_shapes(min_dims=0, max_dims=2, max_side=5))
   dtype = draw(st.sampled_from(DTYPES))
   values = draw(
-      hnp.arrays(
-          np.float32,
-          (num_tasks, *shape),
-          elements=st.floats(-100, 100, width=32).filter(lambda v: v == 0 or abs(v) > 1e-3),
-      )
+    hnp.arrays(
+      np.float32,
+      (num_tasks, *shape),
+      elements=st.floats(-100, 100, width=32).filter(lambda v: v == 0 or abs(v) > 1e-3),
+    )
   )
   if signs == "agree":
     column_sign = np.where(draw(hnp.arrays(np.bool_, shape)), 1.0, -1.0)
@@ -87,18 +87,18 @@ def test_zeros_stay_exactly_zero():
 @pytest.mark.parametrize("leak", [0.0, 0.3, [0.0, 0.5, 1.0]])
 def test_preserve_norm_gives_the_plain_sum_norm(leak):
   task_grads = {
-      "w": jax.random.normal(jax.random.key(0), (3, 64, 32)),
-      "b": jax.random.normal(jax.random.key(1), (3, 32)),
+    "w": jax.random.normal(jax.random.key(0), (3, 64, 32)),
+    "b": jax.random.normal(jax.random.key(1), (3, 32)),
   }
   out = ogd.graddrop(task_grads, jax.random.key(2), leak=leak, preserve_norm=True)
   for name in task_grads:
     np.testing.assert_allclose(
-        jnp.linalg.norm(out[name]), jnp.linalg.norm(task_grads[name].sum(0)), rtol=1e-5
+      jnp.linalg.norm(out[name]), jnp.linalg.norm(task_grads[name].sum(0)), rtol=1e-5
     )
   unnormed = ogd.graddrop(task_grads, jax.random.key(2), leak=leak)
   # Rescaling keeps the direction.
   cos = jnp.vdot(out["w"], unnormed["w"]) / (
-      jnp.linalg.norm(out["w"]) * jnp.linalg.norm(unnormed["w"])
+    jnp.linalg.norm(out["w"]) * jnp.linalg.norm(unnormed["w"])
   )
   np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
 
@@ -112,7 +112,7 @@ def test_leak_per_task_matches_the_formula():
   expected = jnp.sum((leak[:, None] + (1 - leak[:, None]) * masks) * task_grads, 0)
   chex.assert_trees_all_close(ogd.graddrop(task_grads, key, leak=leak), expected, rtol=1e-5)
   chex.assert_trees_all_close(
-      ogd.graddrop(task_grads, key), jnp.sum(masks * task_grads, 0), rtol=1e-6
+    ogd.graddrop(task_grads, key), jnp.sum(masks * task_grads, 0), rtol=1e-6
   )
 
 
@@ -134,10 +134,10 @@ def test_non_finite_values_stay_visible(bad, jit, preserve_norm):
   task_grads = task_grads.at[0, 40].set(bad)
   for key in range(5):
     out = _run(
-        jit,
-        lambda g, k: ogd.graddrop(g, k, preserve_norm=preserve_norm),
-        task_grads,
-        jax.random.key(key),
+      jit,
+      lambda g, k: ogd.graddrop(g, k, preserve_norm=preserve_norm),
+      task_grads,
+      jax.random.key(key),
     )
     assert not jnp.isfinite(out[17]) and not jnp.isfinite(out[40])
     if not preserve_norm:
@@ -175,36 +175,42 @@ def test_float64_input_stays_float64():
 
 
 @pytest.mark.parametrize("keep", ["linear", "sigmoid", "random"])
-def test_jit_and_eager_are_bit_identical(keep):
+@pytest.mark.parametrize("leak", [0.0, [0.1, 0.0, 1.0]])
+def test_jit_and_eager_agree(keep, leak):
   task_grads = {
-      "conv": jax.random.normal(jax.random.key(0), (3, 3, 3, 8, 16)),
-      "bias": jax.random.normal(jax.random.key(1), (3, 16), jnp.bfloat16),
+    "conv": jax.random.normal(jax.random.key(0), (3, 3, 3, 8, 16)),
+    "bias": jax.random.normal(jax.random.key(1), (3, 16), jnp.bfloat16),
   }
   key = jax.random.key(42)
-  eager = ogd.graddrop(task_grads, key, keep=keep, leak=[0.1, 0.0, 1.0], return_stats=True)
-  jitted = jax.jit(
-      lambda g, k: ogd.graddrop(g, k, keep=keep, leak=[0.1, 0.0, 1.0], return_stats=True)
-  )(task_grads, key)
-  chex.assert_trees_all_equal(eager[0], jitted[0])
-  # The diagnostics are ratios of exact counts; XLA may round the division
-  # differently under jit.
-  chex.assert_trees_all_close(eager[1], jitted[1], rtol=1e-6)
+
+  def fn(g, k):
+    return ogd.graddrop(g, k, keep=keep, leak=leak, return_stats=True)
+
+  (eager, eager_stats), (jitted, jitted_stats) = fn(task_grads, key), jax.jit(fn)(task_grads, key)
+  if leak == 0.0:
+    chex.assert_trees_all_equal(eager, jitted)
+  else:
+    # Same masks, but XLA may fuse the leak's multiply-adds under jit.
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
+  # The diagnostics are ratios of exact counts; the division may round apart.
+  chex.assert_trees_all_close(eager_stats, jitted_stats, rtol=1e-6)
 
 
 def test_legacy_and_typed_keys_agree():
   task_grads = jax.random.normal(jax.random.key(0), (2, 300))
   chex.assert_trees_all_equal(
-      ogd.graddrop(task_grads, jax.random.PRNGKey(7)),
-      ogd.graddrop(task_grads, jax.random.key(7)),
+    ogd.graddrop(task_grads, jax.random.PRNGKey(7)),
+    ogd.graddrop(task_grads, jax.random.key(7)),
   )
 
 
 def test_different_keys_differ_and_leaves_are_independent():
   same = jax.random.normal(jax.random.key(0), (2, 20000))
   out = ogd.graddrop({"a": same, "b": same}, jax.random.key(1))
-  picks_a, picks_b = out["a"] == jnp.maximum(same, 0).sum(0), out["b"] == jnp.maximum(
-      same, 0
-  ).sum(0)
+  picks_a, picks_b = (
+    out["a"] == jnp.maximum(same, 0).sum(0),
+    out["b"] == jnp.maximum(same, 0).sum(0),
+  )
   conflict = (same > 0).any(0) & (same < 0).any(0)
   agreement = jnp.mean(picks_a[conflict] == picks_b[conflict])
   # Independent picks with keep probability p agree with probability
@@ -226,7 +232,7 @@ def test_vmap_over_independent_problems():
 
 def test_stats_count_conflicts_and_kept_entries():
   task_grads = jnp.array([[1.0, 2.0, -1.0, 0.0], [3.0, -1.0, -2.0, 0.0], [2.0, 1.0, 0.0, 0.0]])
-  out, stats = ogd.graddrop(task_grads, jax.random.key(0), return_stats=True)
+  _, stats = ogd.graddrop(task_grads, jax.random.key(0), return_stats=True)
   np.testing.assert_allclose(stats.conflict_fraction, 1 / 4)
   masks = ogd.sign_masks(task_grads, jax.random.key(0))
   np.testing.assert_allclose(stats.kept_fraction, jnp.mean(masks))
@@ -242,9 +248,7 @@ def test_stats_on_random_tasks_follow_the_expected_rates():
   n = task_grads.shape[1]
   bound = 6 * math.sqrt(0.25 / n)
   assert abs(float(stats.conflict_fraction) - 0.5) < bound
-  np.testing.assert_allclose(
-      stats.kept_fraction, 1 - float(stats.conflict_fraction) / 2, rtol=1e-6
-  )
+  np.testing.assert_allclose(stats.kept_fraction, 1 - float(stats.conflict_fraction) / 2, rtol=1e-6)
 
 
 # --- Statistical checks of the keep probability -------------------------------
@@ -254,16 +258,16 @@ _PURITY = 5 / 7
 
 
 @pytest.mark.parametrize(
-    ("keep", "scale", "expected"),
-    [
-        ("linear", 1.0, _PURITY),
-        ("linear", 0.5, 0.5 + 0.5 * (_PURITY - 0.5)),
-        ("linear", 3.0, 1.0),  # 0.5 + 3 (P - 0.5) > 1 acts as 1
-        ("sigmoid", 1.0, 1 / (1 + math.exp(-4 * (_PURITY - 0.5)))),
-        ("sigmoid", 2.5, 1 / (1 + math.exp(-10 * (_PURITY - 0.5)))),
-        ("random", 1.0, 0.5),
-        (lambda p: p**2, 1.0, _PURITY**2),
-    ],
+  ("keep", "scale", "expected"),
+  [
+    ("linear", 1.0, _PURITY),
+    ("linear", 0.5, 0.5 + 0.5 * (_PURITY - 0.5)),
+    ("linear", 3.0, 1.0),  # 0.5 + 3 (P - 0.5) > 1 acts as 1
+    ("sigmoid", 1.0, 1 / (1 + math.exp(-4 * (_PURITY - 0.5)))),
+    ("sigmoid", 2.5, 1 / (1 + math.exp(-10 * (_PURITY - 0.5)))),
+    ("random", 1.0, 0.5),
+    (lambda p: p**2, 1.0, _PURITY**2),
+  ],
 )
 def test_positive_set_is_kept_with_probability_f_of_purity(keep, scale, expected):
   n = 400_000

@@ -1,0 +1,155 @@
+"""Tests of graddrop_transform, the Optax form."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from optax.experimental import aggregating
+
+import optax_graddrop as ogd
+
+
+def _problem():
+  """Two regression tasks on a shared linear trunk, with one conflicting target."""
+  kx, kw, kp = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (64, 5))
+  w_true = jax.random.normal(kw, (5,))
+  targets = jnp.stack([x @ w_true, -0.5 * (x @ w_true) + 1.0])
+  params = {
+    "trunk": 0.1 * jax.random.normal(kp, (5, 8)),
+    "heads": jnp.zeros((2, 8)),
+    "bias": jnp.zeros((2,)),
+  }
+
+  def task_losses(params):
+    features = jnp.tanh(x @ params["trunk"])
+    preds = features @ params["heads"].T + params["bias"]
+    return jnp.mean((preds.T - targets) ** 2, axis=1)
+
+  return params, task_losses
+
+
+def _step_fn(tx, task_losses):
+  def step(params, state):
+    losses, task_grads = ogd.per_task_value_and_grad(task_losses)(params)
+    updates, state = tx.update(task_grads, state, params)
+    return optax.apply_updates(params, updates), state, losses
+
+  return step
+
+
+@pytest.mark.parametrize(
+  "options", [{}, {"keep": "sigmoid", "preserve_norm": True}, {"leak": [0.0, 1.0]}]
+)
+def test_chain_with_adam_trains_both_tasks(options):
+  params, task_losses = _problem()
+  tx = optax.chain(ogd.graddrop_transform(0, **options), optax.adam(1e-2))
+  state = tx.init(params)
+  step = jax.jit(_step_fn(tx, task_losses))
+  initial = task_losses(params)
+  for _ in range(300):
+    params, state, _ = step(params, state)
+  final = task_losses(params)
+  assert jnp.all(final < 0.25 * initial), (initial, final)
+  graddrop_state = state[0]
+  assert int(graddrop_state.count) == 300
+  assert 0.0 <= float(graddrop_state.stats.conflict_fraction) <= 1.0
+  assert 0.5 <= float(graddrop_state.stats.kept_fraction) <= 1.0
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_update_is_graddrop_with_a_fresh_subkey(jit):
+  task_grads = {"w": jax.random.normal(jax.random.key(1), (3, 50))}
+  key = jax.random.key(9)
+  tx = ogd.graddrop_transform(key, leak=0.2)
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init({"w": jnp.zeros(50)})
+  expected_key = key
+  outputs = []
+  for step in range(3):
+    updates, state = update(task_grads, state)
+    expected_key, step_key = jax.random.split(expected_key)
+    # Same masks; with a leak, XLA may fuse the weighted sums into FMAs under
+    # jit, so the last bit may differ.
+    chex.assert_trees_all_close(updates, ogd.graddrop(task_grads, step_key, leak=0.2), rtol=1e-6)
+    np.testing.assert_array_equal(
+      jax.random.key_data(state.rng_key), jax.random.key_data(expected_key)
+    )
+    assert int(state.count) == step + 1
+    outputs.append(updates["w"])
+  assert not jnp.array_equal(outputs[0], outputs[1])
+
+
+def test_int_seed_equals_key():
+  task_grads = jax.random.normal(jax.random.key(1), (2, 20))
+  a, b = ogd.graddrop_transform(3), ogd.graddrop_transform(jax.random.key(3))
+  chex.assert_trees_all_equal(
+    a.update(task_grads, a.init(None))[0], b.update(task_grads, b.init(None))[0]
+  )
+
+
+def test_track_stats_off_keeps_initial_stats():
+  tx = ogd.graddrop_transform(0, track_stats=False)
+  state = tx.init(None)
+  _, new_state = tx.update(jax.random.normal(jax.random.key(1), (2, 100)), state)
+  chex.assert_trees_all_equal(new_state.stats, state.stats)
+
+
+def test_jitted_step_compiles_once():
+  params, task_losses = _problem()
+  tx = optax.chain(ogd.graddrop_transform(0), optax.sgd(1e-2))
+  traces = 0
+  inner = _step_fn(tx, task_losses)
+
+  def counted(params, state):
+    nonlocal traces
+    traces += 1
+    return inner(params, state)
+
+  step = jax.jit(counted)
+  state = tx.init(params)
+  for _ in range(100):
+    params, state, _ = step(params, state)
+  assert traces == 1
+
+
+def test_aggregator_in_process():
+  params, task_losses = _problem()
+  tx = aggregating.process(optax.identity(), ogd.graddrop_transform(0), optax.adam(1e-2))
+  assert isinstance(ogd.graddrop_transform(0), aggregating.Aggregator)
+  state = tx.init(params)
+  step = jax.jit(_step_fn(tx, task_losses))
+  initial = task_losses(params)
+  for _ in range(100):
+    params, state, _ = step(params, state)
+  assert jnp.all(task_losses(params) < initial)
+
+
+def test_checkpoint_and_resume_continue_exactly(tmp_path):
+  params, task_losses = _problem()
+  tx = optax.chain(ogd.graddrop_transform(5), optax.adam(1e-2))
+  step = jax.jit(_step_fn(tx, task_losses))
+
+  def run(params, state, steps):
+    for _ in range(steps):
+      params, state, _ = step(params, state)
+    return params, state
+
+  full_params, full_state = run(params, tx.init(params), 20)
+
+  half_params, half_state = run(params, tx.init(params), 10)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {"params": half_params, "opt_state": half_state})
+  checkpointer.wait_until_finished()
+  template = {"params": params, "opt_state": tx.init(params)}
+  restored = checkpointer.restore(tmp_path / "ckpt", template)
+  resumed_params, resumed_state = run(restored["params"], restored["opt_state"], 10)
+
+  chex.assert_trees_all_equal(resumed_params, full_params)
+  chex.assert_trees_all_equal(
+    jax.random.key_data(resumed_state[0].rng_key), jax.random.key_data(full_state[0].rng_key)
+  )
+  assert int(resumed_state[0].count) == 20

@@ -1,0 +1,101 @@
+"""Every bad input to the public API gets an error that names the problem."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_graddrop as ogd
+
+KEY = jax.random.key(0)
+GOOD = {"w": jnp.ones((2, 3)), "b": jnp.ones((2,))}
+
+
+@pytest.mark.parametrize(
+  ("task_grads", "key", "options", "error", "match"),
+  [
+    (
+      {"w": jnp.ones((2, 3)), "b": jnp.ones((3,))},
+      KEY,
+      {},
+      ValueError,
+      r"share the leading task axis.*\['b'\]`: 3.*\['w'\]`: 2",
+    ),
+    (jnp.ones((0, 3)), KEY, {}, ValueError, "task axis of size 0"),
+    ({"w": jnp.ones((2, 3)), "s": jnp.float32(1.0)}, KEY, {}, ValueError, r"\['s'\]` is a scalar"),
+    (jnp.ones((2, 3), jnp.int32), KEY, {}, TypeError, "dtype int32.*floating-point"),
+    (jnp.ones((2, 3), bool), KEY, {}, TypeError, "dtype bool"),
+    (jnp.ones((2, 3), jnp.complex64), KEY, {}, TypeError, "dtype complex64"),
+    ({}, KEY, {}, ValueError, "no array leaves"),
+    (GOOD, KEY, {"leak": 1.5}, ValueError, r"`leak` must lie in \[0, 1\]"),
+    (GOOD, KEY, {"leak": -0.1}, ValueError, r"`leak` must lie in \[0, 1\]"),
+    (GOOD, KEY, {"leak": [0.1, 0.2, 0.3]}, ValueError, r"shape \(2,\).*got shape \(3,\)"),
+    (GOOD, KEY, {"leak": "none"}, TypeError, "`leak` must be a real number"),
+    (GOOD, KEY, {"leak": True}, TypeError, "`leak` must be a real number"),
+    (GOOD, KEY, {"leak": np.array([0.1, 0.2j])}, TypeError, "`leak` must hold real"),
+    (GOOD, KEY, {"keep": "cosine"}, ValueError, "Unknown `keep`='cosine'"),
+    (GOOD, KEY, {"keep": "random", "scale": 2.0}, ValueError, "`scale` only applies"),
+    (GOOD, KEY, {"keep": lambda p: jnp.sum(p)}, ValueError, "keep` function must map"),
+    (GOOD, KEY, {"eps": -1.0}, ValueError, "`eps` must be >= 0"),
+    (GOOD, 0, {}, TypeError, "`key` must be a PRNG key.*got int"),
+    (GOOD, jnp.zeros(3, jnp.uint32), {}, TypeError, r"shape \(3,\)"),
+    (GOOD, jnp.zeros(2, jnp.float32), {}, TypeError, "dtype float32"),
+    (GOOD, jax.random.split(KEY, 2), {}, TypeError, "single PRNG key"),
+  ],
+)
+def test_graddrop_rejects_bad_input(task_grads, key, options, error, match):
+  with pytest.raises(error, match=match):
+    ogd.graddrop(task_grads, key, **options)
+
+
+def test_errors_are_raised_at_trace_time_under_jit():
+  with pytest.raises(ValueError, match="share the leading task axis"):
+    jax.jit(ogd.graddrop)({"a": jnp.ones((2, 3)), "b": jnp.ones((3, 3))}, KEY)
+  with pytest.raises(ValueError, match="leak"):
+    jax.jit(lambda g, k: ogd.graddrop(g, k, leak=[0.5, 2.0]))(GOOD, KEY)
+
+
+def test_traced_leak_is_accepted_with_the_right_shape():
+  out = jax.jit(lambda g, k, leak: ogd.graddrop(g, k, leak=leak))(GOOD, KEY, jnp.array([0.0, 1.0]))
+  assert out["w"].shape == (3,)
+  with pytest.raises(ValueError, match="shape"):
+    jax.jit(lambda g, k, leak: ogd.graddrop(g, k, leak=leak))(GOOD, KEY, jnp.ones(3))
+
+
+@pytest.mark.parametrize(
+  ("factory", "error", "match"),
+  [
+    (lambda: ogd.graddrop_transform("seed"), TypeError, "`key` must be.*int seed"),
+    (lambda: ogd.graddrop_transform(1.5), TypeError, "got float"),
+    (lambda: ogd.graddrop_transform(0, keep="nope"), ValueError, "Unknown `keep`"),
+    (lambda: ogd.per_task_value_and_grad(jnp.sum, chunk_size=0), ValueError, "chunk_size"),
+  ],
+)
+def test_factories_reject_bad_options(factory, error, match):
+  with pytest.raises(error, match=match):
+    factory()
+
+
+def test_transform_reports_bad_updates_by_name():
+  tx = ogd.graddrop_transform(0)
+  state = tx.init(GOOD["w"][0])
+  with pytest.raises(ValueError, match=r"task_grads.*share the leading task axis"):
+    tx.update({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}, state)
+
+
+@pytest.mark.parametrize(
+  ("fun", "match"),
+  [
+    (lambda w: jnp.sum(w), r"1-D float vector.*shape \(\)"),
+    (lambda w: jnp.ones((2, 2)) * w.sum(), r"shape \(2, 2\)"),
+    (lambda w: w[:0], "0 task losses"),
+  ],
+)
+def test_per_task_rejects_non_vector_losses(fun, match):
+  with pytest.raises(ValueError, match=match):
+    ogd.per_task_value_and_grad(fun)(jnp.ones(3))
+
+
+def test_per_task_rejects_argnums_out_of_range():
+  with pytest.raises(ValueError, match="argnums"):
+    ogd.per_task_value_and_grad(lambda w: w, argnums=2)(jnp.ones(3))
