@@ -4,6 +4,8 @@ Chen et al., "Just Pick a Sign: Optimizing Deep Multitask Models with
 Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
 """
 
+from optax_graddrop import linen
+from optax_graddrop import nnx
 from optax_graddrop._core import GradDropStats
 from optax_graddrop._core import Keep
 from optax_graddrop._core import KeepFn
@@ -11,6 +13,8 @@ from optax_graddrop._core import graddrop
 from optax_graddrop._core import keep_fn
 from optax_graddrop._core import sign_masks
 from optax_graddrop._core import sign_purity
+from optax_graddrop._fork import fork
+from optax_graddrop._fork import graddrop_activation
 from optax_graddrop._per_task import per_task_value_and_grad
 from optax_graddrop._transform import GradDropState
 from optax_graddrop._transform import graddrop_transform

@@ -232,6 +232,34 @@ def _graddrop_leaf(
   return _LeafResult(combined, plain_sum, conflicts, dropped)
 
 
+def _masks(choice: _SignChoice, signal: jax.Array) -> jax.Array:
+  """``M_i`` for one task; a zero signal has no sign to drop and is kept."""
+  return ~choice.conflict | jnp.where(choice.choose_positive, signal >= 0, signal <= 0)
+
+
+def _combine_by_signal(
+  grad_slices: Sequence[jax.Array],
+  signal_slices: Sequence[jax.Array],
+  key: jax.Array,
+  leak: jax.Array | None,
+  fn: KeepFn,
+  eps: float,
+) -> jax.Array:
+  """Eq. 3 with the signs picked from ``signal_slices`` (e.g. batch-summed).
+
+  The signals may have fewer elements than the gradients (reduced axes kept
+  as size 1); their masks broadcast over the gradients.
+  """
+  choice = _choose_signs(signal_slices, key, fn, eps)
+  terms = []
+  for task, (grad, signal) in enumerate(zip(grad_slices, signal_slices)):
+    dropped = jnp.zeros_like(grad) if leak is None else leak[task] * grad
+    terms.append(jnp.where(_masks(choice, signal), grad, dropped))
+  # A non-finite gradient makes its signal non-finite, hence no conflict
+  # there: every mask is 1 and the NaN/Inf reaches the output.
+  return _total(terms)
+
+
 def _rescale_to_norm(combined: jax.Array, target: jax.Array) -> jax.Array:
   norm = jnp.sqrt(jnp.sum(jnp.square(combined)))
   target_norm = jnp.sqrt(jnp.sum(jnp.square(target)))
@@ -387,6 +415,5 @@ def sign_masks(
   for leaf, leaf_key in zip(leaves, _random.leaf_keys(key, len(leaves))):
     slices = _task_slices(jnp.asarray(leaf))
     choice = _choose_signs(slices, leaf_key, fn, eps)
-    pick = choice.choose_positive
-    masks.append(jnp.stack([~choice.conflict | jnp.where(pick, s >= 0, s <= 0) for s in slices]))
+    masks.append(jnp.stack([_masks(choice, s) for s in slices]))
   return jax.tree_util.tree_unflatten(treedef, masks)

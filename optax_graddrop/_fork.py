@@ -1,0 +1,251 @@
+"""Activation-level GradDrop in one backward pass: ``fork``.
+
+``fork(features, key, T)`` hands each of ``T`` task heads its own reference
+to a shared representation ``A``. One ordinary ``jax.grad`` of the summed
+loss then delivers the ``T`` per-task cotangents of ``A`` to ``fork``'s
+backward rule (a ``jax.custom_vjp``), which applies GradDrop to them and
+passes one combined cotangent into the trunk: the cost of the plain sum,
+where parameter-level GradDrop needs ``T`` backward passes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from optax_graddrop import _core
+from optax_graddrop import _random
+from optax_graddrop import _validation
+
+Marginalize = Literal["sign", "value"] | None
+
+
+def _check_options(
+  features: Any, num_tasks: Any, marginalize: Any, batch_axes: Any
+) -> tuple[int, ...]:
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    raise ValueError(f"`num_tasks` must be an int >= 1; got {num_tasks!r}.")
+  if marginalize not in ("sign", "value", None):
+    raise ValueError(f"`marginalize` must be 'sign', 'value' or None; got {marginalize!r}.")
+  if isinstance(batch_axes, int):
+    batch_axes = (batch_axes,)
+  if not all(isinstance(a, int) and not isinstance(a, bool) for a in batch_axes):
+    raise TypeError(f"`batch_axes` must be a tuple of ints; got {batch_axes!r}.")
+  leaves = jax.tree_util.tree_leaves_with_path(features)
+  if not leaves:
+    raise ValueError("`features` has no array leaves.")
+  for path, leaf in leaves:
+    where = f"`features{jax.tree_util.keystr(path)}`"
+    dtype = jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{where} has dtype {dtype}; `fork` needs floating-point features.")
+    ndim = jnp.ndim(leaf)
+    if marginalize is not None:
+      for axis in batch_axes:
+        if not -ndim <= axis < ndim:
+          raise ValueError(
+            f"`batch_axes` {tuple(batch_axes)} is out of range for {where} of shape "
+            f"{jnp.shape(leaf)}."
+          )
+      if len({a % ndim for a in batch_axes}) != len(batch_axes):
+        raise ValueError(f"`batch_axes` {tuple(batch_axes)} repeats an axis of {where}.")
+  return tuple(batch_axes)
+
+
+def _signal(
+  features: jax.Array, cotangent: jax.Array, marginalize: Marginalize, batch_axes: Sequence[int]
+) -> jax.Array:
+  """The per-task signal whose sign GradDrop looks at (DESIGN step 1)."""
+  if marginalize is None:
+    return cotangent
+  axes = tuple(a % features.ndim for a in batch_axes)
+  # The weight gradient of the next layer is input x cotangent, so the sign
+  # of the input decides the sign each task pushes on the weights.
+  factor = jnp.sign(features) if marginalize == "sign" else features
+  return jnp.sum(factor.astype(cotangent.dtype) * cotangent, axis=axes, keepdims=True)
+
+
+def graddrop_activation(
+  features: Any,
+  task_cotangents: Sequence[Any],
+  key: jax.Array,
+  *,
+  leak: Any = 0.0,
+  keep: _core.Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 1e-7,
+  marginalize: Marginalize = "sign",
+  batch_axes: int | Sequence[int] = (0,),
+  preserve_norm: bool = False,
+) -> Any:
+  """GradDrop of per-task cotangents of a shared activation (``fork``'s backward).
+
+  With ``A`` the features and ``g_i`` the cotangent from task ``i``:
+
+  1. signal ``G_i = sum_batch(sign(A) g_i)`` (``marginalize="sign"``, the
+     official implementation's default), ``sum_batch(A g_i)`` (``"value"``)
+     or ``g_i`` (``None``);
+  2. purity ``P`` and the keep decision from the ``G_i`` (eqs. 1-2), one
+     uniform per element of ``G``;
+  3. masks ``M_i`` broadcast back over the batch axes, and
+     ``out = sum_i (l_i + (1 - l_i) M_i) g_i`` (eq. 3).
+
+  A task whose signal is exactly zero at an element keeps its (then
+  sign-less) cotangent there. Leaf ``k`` of ``features`` draws from
+  ``fold_in(key, k)``, as in :func:`graddrop`; with ``marginalize=None``
+  the result equals ``graddrop`` of the stacked cotangents.
+
+  Args:
+    features: the shared activation ``A``: an array or a pytree of them.
+    task_cotangents: ``T`` pytrees like ``features``.
+    key: a PRNG key.
+    leak: as for :func:`graddrop`.
+    keep: as for :func:`graddrop`.
+    scale: as for :func:`graddrop`.
+    eps: as for :func:`graddrop`.
+    marginalize: ``"sign"``, ``"value"`` or ``None``; see above.
+    batch_axes: the axes of every leaf summed over in step 1.
+    preserve_norm: rescale each leaf of the result to the norm of the plain
+      sum ``sum_i g_i`` (batch included).
+
+  Returns:
+    The combined cotangent, a pytree like ``features``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_graddrop import graddrop_activation
+    >>> features = jnp.ones((2, 3))
+    >>> cotangents = [jnp.ones((2, 3)), -2.0 * jnp.ones((2, 3))]
+    >>> out = graddrop_activation(features, cotangents, jax.random.key(0))
+    >>> out.shape
+    (2, 3)
+  """
+  num_tasks = len(task_cotangents)
+  batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
+  key = _validation.check_key(key)
+  leak_per_task = _validation.check_leak(leak, num_tasks)
+  fn = _core.keep_fn(keep, scale)
+  leaves, treedef = jax.tree_util.tree_flatten(features)
+  cotangent_leaves = [treedef.flatten_up_to(c) for c in task_cotangents]
+  combined = []
+  for index, (leaf, leaf_key) in enumerate(zip(leaves, _random.leaf_keys(key, len(leaves)))):
+    dtype = _core._compute_dtype(jnp.result_type(leaf))
+    grads = [c[index].astype(dtype) for c in cotangent_leaves]
+    signals = [_signal(leaf, g, marginalize, batch_axes) for g in grads]
+    out = _core._combine_by_signal(grads, signals, leaf_key, leak_per_task, fn, eps)
+    if preserve_norm:
+      out = _core._rescale_to_norm(out, _core._total(grads))
+    combined.append(out.astype(jnp.result_type(leaf)))
+  return jax.tree_util.tree_unflatten(treedef, combined)
+
+
+def fork(
+  features: Any,
+  key: jax.Array,
+  num_tasks: int,
+  *,
+  leak: Any = 0.0,
+  keep: _core.Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 1e-7,
+  marginalize: Marginalize = "sign",
+  batch_axes: int | Sequence[int] = (0,),
+  preserve_norm: bool = False,
+) -> tuple[Any, ...]:
+  """Splits a shared activation into ``num_tasks`` branches with GradDrop.
+
+  Forward: returns ``num_tasks`` references to ``features`` (no copies).
+  Backward: the ``num_tasks`` cotangents that one ``jax.grad`` of the
+  summed task losses brings back are combined by
+  :func:`graddrop_activation` into one cotangent for the trunk. A head that
+  does not use its branch contributes a zero cotangent. ``key`` is not
+  differentiated.
+
+  Put it where the paper does: on the last shared representation, just
+  before the task heads. Parameter-level GradDrop (:func:`graddrop` on
+  per-task parameter gradients) picks signs per weight exactly, at the cost
+  of ``T`` backward passes; ``fork`` costs one.
+
+  Args:
+    features: the shared activation, an array or pytree of arrays.
+    key: a PRNG key; use a fresh one every step.
+    num_tasks: the number of branches ``T``.
+    leak: as for :func:`graddrop`.
+    keep: as for :func:`graddrop`.
+    scale: as for :func:`graddrop`.
+    eps: as for :func:`graddrop`.
+    marginalize: as for :func:`graddrop_activation`.
+    batch_axes: as for :func:`graddrop_activation`.
+    preserve_norm: as for :func:`graddrop_activation`.
+
+  Returns:
+    A tuple of ``num_tasks`` pytrees equal to ``features``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_graddrop import fork
+    >>> def loss(w, x, key):
+    ...   shared = jnp.tanh(x @ w)
+    ...   a, b = fork(shared, key, 2)
+    ...   return jnp.sum(a) - jnp.sum(b ** 2)
+    >>> grads = jax.grad(loss)(jnp.ones((3, 4)), jnp.ones((5, 3)), jax.random.key(0))
+    >>> grads.shape
+    (3, 4)
+  """
+  batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
+  key = _validation.check_key(key)
+  leak_per_task = _validation.check_leak(leak, num_tasks)
+  _core.keep_fn(keep, scale)
+  options = _ForkOptions(num_tasks, keep, scale, eps, marginalize, batch_axes, preserve_norm)
+  return _split(options, features, key, leak_per_task)
+
+
+class _ForkOptions(NamedTuple):
+  """The static options of ``fork`` (hashable, for ``nondiff_argnums``)."""
+
+  num_tasks: int
+  keep: _core.Keep
+  scale: float
+  eps: float
+  marginalize: Marginalize
+  batch_axes: tuple[int, ...]
+  preserve_norm: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _split(options: _ForkOptions, features: Any, key: jax.Array, leak: Any) -> tuple[Any, ...]:
+  del key, leak
+  return (features,) * options.num_tasks
+
+
+def _split_fwd(
+  options: _ForkOptions, features: Any, key: jax.Array, leak: Any
+) -> tuple[tuple[Any, ...], tuple[Any, jax.Array, Any]]:
+  return _split(options, features, key, leak), (features, key, leak)
+
+
+def _split_bwd(
+  options: _ForkOptions, residuals: tuple[Any, jax.Array, Any], cotangents: tuple[Any, ...]
+) -> tuple[Any, None, None]:
+  features, key, leak = residuals
+  combined = graddrop_activation(
+    features,
+    cotangents,
+    key,
+    leak=0.0 if leak is None else leak,
+    keep=options.keep,
+    scale=options.scale,
+    eps=options.eps,
+    marginalize=options.marginalize,
+    batch_axes=options.batch_axes,
+    preserve_norm=options.preserve_norm,
+  )
+  # The key and the leak are not differentiated.
+  return combined, None, None
+
+
+_split.defvjp(_split_fwd, _split_bwd)

@@ -1,0 +1,119 @@
+"""GradDrop as a Flax NNX layer.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from optax_graddrop import nnx as ogd_nnx
+  >>> layer = ogd_nnx.GradDrop(2, rngs=nnx.Rngs(graddrop=0))
+  >>> left, right = layer(jnp.ones((4, 3)))
+  >>> left.shape
+  (4, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+
+from optax_graddrop import _core
+from optax_graddrop import _fork
+
+
+class GradDrop(nnx.Module):
+  """Splits a shared representation into ``num_tasks`` branches with GradDrop.
+
+  The forward pass returns ``num_tasks`` references to its input; the
+  backward pass combines the branches' cotangents with GradDrop
+  (:func:`optax_graddrop.fork`), one backward pass in all. Like
+  ``nnx.Dropout``, it draws a fresh key from the ``graddrop`` rng stream on
+  every call that is not ``deterministic``; deterministic calls are the plain
+  identity (and their backward pass the plain sum).
+
+  Args:
+    num_tasks: the number of branches ``T``.
+    leak: as for :func:`optax_graddrop.graddrop`.
+    keep: as for :func:`optax_graddrop.graddrop`.
+    scale: as for :func:`optax_graddrop.graddrop`.
+    eps: as for :func:`optax_graddrop.graddrop`.
+    marginalize: as for :func:`optax_graddrop.graddrop_activation`.
+    batch_axes: as for :func:`optax_graddrop.graddrop_activation`.
+    preserve_norm: as for :func:`optax_graddrop.graddrop_activation`.
+    deterministic: if True, no GradDrop (and no key needed).
+    rng_collection: the rng stream to draw keys from.
+    rngs: an ``nnx.Rngs`` with that stream, or an ``nnx.RngStream``.
+  """
+
+  def __init__(
+    self,
+    num_tasks: int,
+    *,
+    leak: Any = 0.0,
+    keep: _core.Keep = "linear",
+    scale: float = 1.0,
+    eps: float = 1e-7,
+    marginalize: _fork.Marginalize = "sign",
+    batch_axes: int | Sequence[int] = (0,),
+    preserve_norm: bool = False,
+    deterministic: bool = False,
+    rng_collection: str = "graddrop",
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+  ):
+    _core.keep_fn(keep, scale)
+    self.num_tasks = num_tasks
+    self.options = dict(
+      leak=leak,
+      keep=keep,
+      scale=scale,
+      eps=eps,
+      marginalize=marginalize,
+      batch_axes=batch_axes,
+      preserve_norm=preserve_norm,
+    )
+    self.deterministic = deterministic
+    self.rng_collection = rng_collection
+    if isinstance(rngs, nnx.Rngs):
+      self.rngs = rngs[rng_collection].fork()
+    elif isinstance(rngs, nnx.RngStream):
+      self.rngs = rngs.fork()
+    elif rngs is None:
+      self.rngs = nnx.data(None)
+    else:
+      raise TypeError(f"`rngs` must be an nnx.Rngs, nnx.RngStream or None; got {type(rngs)}.")
+
+  def __call__(
+    self,
+    features: Any,
+    *,
+    deterministic: bool | None = None,
+    rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None,
+  ) -> tuple[Any, ...]:
+    """Returns ``num_tasks`` branches of ``features``.
+
+    Args:
+      features: the shared activation (array or pytree of arrays).
+      deterministic: overrides the constructor's flag for this call.
+      rngs: overrides the constructor's rngs for this call (a key works too).
+
+    Returns:
+      A tuple of ``num_tasks`` pytrees equal to ``features``.
+    """
+    if deterministic is None:
+      deterministic = self.deterministic
+    if deterministic:
+      return (features,) * self.num_tasks
+    source = rngs if rngs is not None else self.rngs
+    if isinstance(source, nnx.Rngs):
+      key = source[self.rng_collection]()
+    elif isinstance(source, nnx.RngStream):
+      key = source()
+    elif source is None:
+      raise ValueError(
+        "GradDrop is not deterministic but has no rngs: pass "
+        f"rngs=nnx.Rngs({self.rng_collection}=seed) to the constructor or the call."
+      )
+    else:
+      key = source
+    return _fork.fork(features, key, self.num_tasks, **self.options)

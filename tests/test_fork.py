@@ -1,0 +1,222 @@
+"""Tests of fork and graddrop_activation (activation-level GradDrop)."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_graddrop as ogd
+
+T = 3
+
+
+def _model():
+  keys = jax.random.split(jax.random.key(0), 4)
+  params = {
+    "trunk": jax.random.normal(keys[0], (6, 16)) / 3,
+    "heads": jax.random.normal(keys[1], (T, 16)),
+  }
+  x = jax.random.normal(keys[2], (32, 6))
+  y = jax.random.normal(keys[3], (T, 32))
+  return params, x, y
+
+
+def _trunk(trunk, x):
+  return jax.nn.relu(x @ trunk) + 0.1 * jnp.tanh(x @ trunk)
+
+
+def _head_loss(task, head, features, y):
+  return jnp.mean((features @ head - y[task]) ** 2)
+
+
+def _loss(params, x, y, key, **options):
+  branches = ogd.fork(_trunk(params["trunk"], x), key, T, **options)
+  return sum(_head_loss(i, params["heads"][i], b, y) for i, b in enumerate(branches))
+
+
+def _plain_loss(params, x, y):
+  features = _trunk(params["trunk"], x)
+  return sum(_head_loss(i, params["heads"][i], features, y) for i in range(T))
+
+
+def test_forward_is_the_identity():
+  features = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((2, 4))}
+  branches = ogd.fork(features, jax.random.key(0), 4)
+  assert len(branches) == 4
+  for branch in branches:
+    chex.assert_trees_all_equal(branch, features)
+
+
+@pytest.mark.parametrize("options", [{"leak": 1.0}, {"leak": [1.0, 1.0, 1.0], "keep": "random"}])
+def test_full_leak_gives_the_plain_gradient(options):
+  params, x, y = _model()
+  grads = jax.grad(_loss)(params, x, y, jax.random.key(1), **options)
+  chex.assert_trees_all_close(grads, jax.grad(_plain_loss)(params, x, y), rtol=1e-6, atol=1e-7)
+
+
+def test_one_task_gives_the_plain_gradient():
+  params, x, y = _model()
+
+  def one_task(params, key):
+    (features,) = ogd.fork(_trunk(params["trunk"], x), key, 1)
+    return _head_loss(0, params["heads"][0], features, y)
+
+  expected = jax.grad(lambda p: _head_loss(0, p["heads"][0], _trunk(p["trunk"], x), y))(params)
+  chex.assert_trees_all_equal(jax.grad(one_task)(params, jax.random.key(2)), expected)
+
+
+@pytest.mark.parametrize("marginalize", ["sign", "value", None])
+@pytest.mark.parametrize("leak", [0.0, [0.0, 0.5, 1.0]])
+def test_one_backward_pass_equals_the_explicit_computation(marginalize, leak):
+  params, x, y = _model()
+  key = jax.random.key(3)
+  options = {"marginalize": marginalize, "leak": leak, "preserve_norm": marginalize == "value"}
+  grads = jax.jit(jax.grad(lambda p: _loss(p, x, y, key, **options)))(params)
+
+  # The explicit way: per-task cotangents of A, GradDrop, then the trunk's VJP.
+  features, trunk_vjp = jax.vjp(lambda w: _trunk(w, x), params["trunk"])
+  cotangents = [
+    jax.grad(lambda a, i=i: _head_loss(i, params["heads"][i], a, y))(features) for i in range(T)
+  ]
+  combined = ogd.graddrop_activation(features, cotangents, key, **options)
+  (trunk_grad,) = trunk_vjp(combined)
+  chex.assert_trees_all_close(grads["trunk"], trunk_grad, rtol=1e-5, atol=1e-6)
+  head_grads = jax.grad(lambda h: sum(_head_loss(i, h[i], features, y) for i in range(T)))(
+    params["heads"]
+  )
+  chex.assert_trees_all_close(grads["heads"], head_grads, rtol=1e-5, atol=1e-6)
+
+
+def test_without_marginalisation_it_is_graddrop_of_the_stacked_cotangents():
+  features = jax.random.normal(jax.random.key(0), (8, 5))
+  cotangents = list(jax.random.normal(jax.random.key(1), (T, 8, 5)))
+  key = jax.random.key(2)
+  chex.assert_trees_all_equal(
+    ogd.graddrop_activation(features, cotangents, key, marginalize=None),
+    ogd.graddrop(jnp.stack(cotangents), key),
+  )
+
+
+@pytest.mark.parametrize("marginalize", ["sign", "value"])
+def test_each_column_gets_the_sum_of_one_sign_set(marginalize):
+  features = jax.random.normal(jax.random.key(0), (16, 200))
+  cotangents = jax.random.normal(jax.random.key(1), (4, 16, 200))
+  out = ogd.graddrop_activation(features, list(cotangents), jax.random.key(2), marginalize=marginalize)
+  factor = jnp.sign(features) if marginalize == "sign" else features
+  signal = jnp.sum(factor * cotangents, axis=1)  # [T, columns]
+  positive_set = jnp.sum(jnp.where((signal >= 0)[:, None, :], cotangents, 0), 0)
+  negative_set = jnp.sum(jnp.where((signal <= 0)[:, None, :], cotangents, 0), 0)
+  is_positive = jnp.all(jnp.isclose(out, positive_set, atol=1e-5), axis=0)
+  is_negative = jnp.all(jnp.isclose(out, negative_set, atol=1e-5), axis=0)
+  assert jnp.all(is_positive | is_negative)
+  conflict = jnp.any(signal > 0, 0) & jnp.any(signal < 0, 0)
+  assert jnp.any(is_positive & conflict) and jnp.any(is_negative & conflict)
+
+
+@pytest.mark.parametrize(("keep", "expected"), [("linear", 5 / 7), ("random", 0.5)])
+def test_positive_set_is_kept_with_probability_f_of_purity(keep, expected):
+  # Signals (2, -1, 0.5) per column after marginalising a batch of 2 with A > 0.
+  columns = 100_000
+  features = jnp.ones((2, columns))
+  per_task = jnp.array([2.0, -1.0, 0.5])[:, None, None] / 2
+  cotangents = list(jnp.broadcast_to(per_task, (3, 2, columns)))
+  out = ogd.graddrop_activation(features, cotangents, jax.random.key(5), keep=keep)
+  assert jnp.all((out == 1.25) | (out == -0.5))
+  freq = float(jnp.mean(out[0] == 1.25))
+  sigma = math.sqrt(expected * (1 - expected) / columns)
+  assert abs(freq - expected) <= 6 * sigma + 2**-16
+
+
+def test_jit_and_eager_agree_and_keys_matter():
+  params, x, y = _model()
+  grad_fn = jax.grad(_loss)
+  eager = grad_fn(params, x, y, jax.random.key(4))
+  # Same masks; the model's own float ops may fuse differently under jit.
+  jitted = jax.jit(grad_fn)(params, x, y, jax.random.key(4))
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
+  other = grad_fn(params, x, y, jax.random.key(5))
+  assert not jnp.array_equal(eager["trunk"], other["trunk"])
+
+
+def test_unused_heads_contribute_zero():
+  params, x, y = _model()
+  key = jax.random.key(6)
+
+  def two_of_three(params):
+    branches = ogd.fork(_trunk(params["trunk"], x), key, T)
+    return sum(_head_loss(i, params["heads"][i], branches[i], y) for i in range(2))
+
+  grads = jax.grad(two_of_three)(params)
+  assert all(jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+  features = _trunk(params["trunk"], x)
+  cotangents = [
+    jax.grad(lambda a, i=i: _head_loss(i, params["heads"][i], a, y))(features) for i in range(2)
+  ]
+  combined = ogd.graddrop_activation(features, [*cotangents, jnp.zeros_like(features)], key)
+  (expected,) = jax.vjp(lambda w: _trunk(w, x), params["trunk"])[1](combined)
+  chex.assert_trees_all_close(grads["trunk"], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_pytree_features_draw_per_leaf():
+  features = {"a": jax.random.normal(jax.random.key(0), (4, 50)), "b": jnp.ones((4, 50))}
+  key = jax.random.key(1)
+
+  def loss(features):
+    first, second = ogd.fork(features, key, 2)
+    return jnp.sum(first["a"] * first["b"]) - jnp.sum(second["a"] ** 2) + jnp.sum(second["b"])
+
+  grads = jax.grad(loss)(features)
+  explicit = ogd.graddrop_activation(
+    features,
+    [
+      jax.grad(lambda f: jnp.sum(f["a"] * f["b"]))(features),
+      jax.grad(lambda f: -jnp.sum(f["a"] ** 2) + jnp.sum(f["b"]))(features),
+    ],
+    key,
+  )
+  chex.assert_trees_all_close(grads, explicit, rtol=1e-6)
+
+
+def test_nan_cotangents_stay_visible():
+  features = jnp.ones((4, 3))
+  cotangents = [jnp.ones((4, 3)), -jnp.ones((4, 3)).at[1, 2].set(jnp.nan)]
+  out = ogd.graddrop_activation(features, cotangents, jax.random.key(0))
+  assert jnp.isnan(out[1, 2]) and jnp.all(jnp.isfinite(out[:, :2]))
+
+
+@pytest.mark.parametrize(
+  ("args", "options", "error", "match"),
+  [
+    ((jnp.ones((2, 3)), 0), {}, ValueError, "`num_tasks` must be an int >= 1"),
+    ((jnp.ones((2, 3)), 2.0), {}, ValueError, "`num_tasks`"),
+    ((jnp.ones((2, 3)), 2), {"batch_axes": (2,)}, ValueError, "`batch_axes`.*out of range"),
+    ((jnp.ones((2, 3)), 2), {"batch_axes": (0, -2)}, ValueError, "repeats"),
+    ((jnp.ones((2, 3), jnp.int32), 2), {}, TypeError, "floating-point features"),
+    ((jnp.ones((2, 3)), 2), {"marginalize": "mean"}, ValueError, "`marginalize`"),
+    ((jnp.ones((2, 3)), 2), {"leak": [0.5]}, ValueError, "`leak`"),
+    ((jnp.ones((2, 3)), 2), {"keep": "nope"}, ValueError, "Unknown `keep`"),
+  ],
+)
+def test_fork_rejects_bad_input(args, options, error, match):
+  features, num_tasks = args
+  with pytest.raises(error, match=match):
+    ogd.fork(features, jax.random.key(0), num_tasks, **options)
+
+
+def test_fork_rejects_a_bad_key():
+  with pytest.raises(TypeError, match="`key` must be a PRNG key"):
+    ogd.fork(jnp.ones((2, 3)), 0, 2)
+
+
+def test_several_batch_axes_share_one_mask():
+  features = jax.random.normal(jax.random.key(0), (3, 4, 50))
+  cotangents = jax.random.normal(jax.random.key(1), (2, 3, 4, 50))
+  out = ogd.graddrop_activation(features, list(cotangents), jax.random.key(2), batch_axes=(0, 1))
+  signal = jnp.sum(jnp.sign(features) * cotangents, axis=(1, 2), keepdims=True)  # [T, 1, 1, 50]
+  positive_set = jnp.sum(jnp.where(signal >= 0, cotangents, 0), 0)
+  negative_set = jnp.sum(jnp.where(signal <= 0, cotangents, 0), 0)
+  per_column = lambda same: jnp.all(same, axis=(0, 1))  # noqa: E731
+  assert jnp.all(per_column(out == positive_set) | per_column(out == negative_set))
