@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any
+from typing import Literal
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +132,15 @@ def graddrop_activation(
   leak_per_task = _validation.check_leak(leak, num_tasks)
   fn = _core.keep_fn(keep, scale)
   leaves, treedef = jax.tree_util.tree_flatten(features)
-  cotangent_leaves = [treedef.flatten_up_to(c) for c in task_cotangents]
+  cotangent_leaves = []
+  for task, cotangent in enumerate(task_cotangents):
+    leaves_i, treedef_i = jax.tree_util.tree_flatten(cotangent)
+    if treedef_i != treedef:  # type: ignore[operator]  # PyTreeDef has no stubs
+      raise ValueError(
+        f"`task_cotangents[{task}]` has structure {treedef_i}; expected that of "
+        f"`features`, {treedef}."
+      )
+    cotangent_leaves.append(leaves_i)
   combined = []
   for index, (leaf, leaf_key) in enumerate(zip(leaves, _random.leaf_keys(key, len(leaves)))):
     dtype = _core._compute_dtype(jnp.result_type(leaf))

@@ -5,7 +5,6 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import optax_graddrop as ogd
@@ -104,7 +103,9 @@ def test_without_marginalisation_it_is_graddrop_of_the_stacked_cotangents():
 def test_each_column_gets_the_sum_of_one_sign_set(marginalize):
   features = jax.random.normal(jax.random.key(0), (16, 200))
   cotangents = jax.random.normal(jax.random.key(1), (4, 16, 200))
-  out = ogd.graddrop_activation(features, list(cotangents), jax.random.key(2), marginalize=marginalize)
+  out = ogd.graddrop_activation(
+    features, list(cotangents), jax.random.key(2), marginalize=marginalize
+  )
   factor = jnp.sign(features) if marginalize == "sign" else features
   signal = jnp.sum(factor * cotangents, axis=1)  # [T, columns]
   positive_set = jnp.sum(jnp.where((signal >= 0)[:, None, :], cotangents, 0), 0)

@@ -1,0 +1,84 @@
+"""Tests of the Flax Linen GradDrop layer."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_graddrop import linen as ogd_linen
+
+NUM_TASKS = 2
+
+
+class MultiTask(nn.Module):
+  leak: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, deterministic=False):
+    shared = nn.relu(nn.Dense(32)(x))
+    branches = ogd_linen.GradDrop(NUM_TASKS, leak=self.leak)(shared, deterministic=deterministic)
+    return jnp.concatenate([nn.Dense(1)(b) for b in branches], axis=-1)
+
+
+def _data():
+  x = jax.random.normal(jax.random.key(0), (128, 8))
+  w = jax.random.normal(jax.random.key(1), (8, NUM_TASKS))
+  return x, jnp.tanh(x @ w) * jnp.array([1.0, -1.0])
+
+
+def test_linen_training_loop_under_jit():
+  x, y = _data()
+  model = MultiTask()
+  params = model.init(jax.random.key(2), x, deterministic=True)
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, key):
+    preds = model.apply(params, x, rngs={"graddrop": key})
+    return jnp.sum(jnp.mean((preds - y) ** 2, axis=0))
+
+  @jax.jit
+  def step(params, opt_state, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, key)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  initial = loss_fn(params, jax.random.key(0))
+  key = jax.random.key(3)
+  for _ in range(200):
+    key, step_key = jax.random.split(key)
+    params, opt_state, loss = step(params, opt_state, step_key)
+  assert loss < 0.3 * initial, (initial, loss)
+
+
+def test_deterministic_and_full_leak_give_the_plain_gradient():
+  x, y = _data()
+  model = MultiTask()
+  params = model.init(jax.random.key(2), x, deterministic=True)
+
+  def loss_fn(params, model, **kwargs):
+    return jnp.sum((model.apply(params, x, **kwargs) - y) ** 2)
+
+  deterministic = jax.grad(loss_fn)(params, model, deterministic=True)
+  leaked = jax.grad(loss_fn)(params, MultiTask(leak=1.0), rngs={"graddrop": jax.random.key(0)})
+  chex.assert_trees_all_close(deterministic, leaked, rtol=1e-6, atol=1e-7)
+
+
+def test_uses_the_graddrop_rng_stream():
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+  layer = ogd_linen.GradDrop(2)
+  key = jax.random.key(7)
+
+  def loss(f, branch_fn):
+    a, b = branch_fn(f)
+    return jnp.sum(a * jnp.arange(6.0)) - jnp.sum(b**2)
+
+  def grad_with(stream_key):
+    return jax.grad(loss)(features, lambda f: layer.apply({}, f, rngs={"graddrop": stream_key}))
+
+  chex.assert_trees_all_equal(grad_with(key), jax.jit(grad_with)(key))
+  assert not jnp.array_equal(grad_with(key), grad_with(jax.random.key(8)))
+  # The two branches' cotangents conflict, so GradDrop changes the gradient.
+  plain = jax.grad(loss)(features, lambda f: (f, f))
+  assert not jnp.array_equal(grad_with(key), plain)

@@ -1,0 +1,101 @@
+"""Tests of the Flax NNX GradDrop layer, including a jitted training loop."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+import optax_graddrop as ogd
+from optax_graddrop import nnx as ogd_nnx
+
+NUM_TASKS = 3
+
+
+class MultiTask(nnx.Module):
+  """Shared trunk, GradDrop at the shared representation, one head per task."""
+
+  def __init__(self, *, rngs: nnx.Rngs, **graddrop_options):
+    self.trunk = nnx.Linear(8, 32, rngs=rngs)
+    self.graddrop = ogd_nnx.GradDrop(NUM_TASKS, rngs=rngs, **graddrop_options)
+    self.heads = nnx.List([nnx.Linear(32, 1, rngs=rngs) for _ in range(NUM_TASKS)])
+
+  def __call__(self, x):
+    shared = nnx.relu(self.trunk(x))
+    branches = self.graddrop(shared)
+    return jnp.concatenate([head(b) for head, b in zip(self.heads, branches)], axis=-1)
+
+
+def _data():
+  x = jax.random.normal(jax.random.key(0), (128, 8))
+  w = jax.random.normal(jax.random.key(1), (8, NUM_TASKS))
+  return x, jnp.tanh(x @ w) * jnp.array([1.0, -1.0, 0.5])
+
+
+def _loss(model, x, y):
+  return jnp.sum(jnp.mean((model(x) - y) ** 2, axis=0))
+
+
+def test_nnx_training_loop_with_optax():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(_loss)(model, x, y)
+    optimizer.update(model, grads)
+    return loss
+
+  initial = _loss(model, x, y)
+  for _ in range(200):
+    loss = train_step(model, optimizer, x, y)
+  assert loss < 0.3 * initial, (initial, loss)
+
+
+def test_each_call_draws_a_fresh_key():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1))
+  first = nnx.grad(_loss)(model, x, y)
+  second = nnx.grad(_loss)(model, x, y)
+  assert not jnp.array_equal(first["trunk"]["kernel"][...], second["trunk"]["kernel"][...])
+  # Heads are downstream of GradDrop: their gradients do not change.
+  chex.assert_trees_all_close(first["heads"], second["heads"])
+
+
+def test_deterministic_gives_the_plain_gradient():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), deterministic=True)
+  grads = nnx.grad(_loss)(model, x, y)
+  plain = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), leak=1.0)
+  chex.assert_trees_all_close(
+    nnx.state(grads), nnx.state(nnx.grad(_loss)(plain, x, y)), rtol=1e-6, atol=1e-7
+  )
+  # The call flag overrides the constructor's.
+  layer = ogd_nnx.GradDrop(2)
+  chex.assert_trees_all_equal(layer(jnp.ones(3), deterministic=True), (jnp.ones(3),) * 2)
+
+
+def test_matches_fork_with_the_drawn_key():
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+  layer = ogd_nnx.GradDrop(2, rngs=nnx.Rngs(graddrop=3))
+  expected_key = nnx.Rngs(graddrop=3)["graddrop"].fork()()
+
+  def loss(split, f):
+    a, b = split(f)
+    return jnp.sum(a * jnp.arange(6.0)) - jnp.sum(b**2)
+
+  via_layer = nnx.grad(loss, argnums=1)(layer, features)
+  via_fork = jax.grad(loss, argnums=1)(lambda f: ogd.fork(f, expected_key, 2), features)
+  chex.assert_trees_all_equal(via_layer, via_fork)
+
+
+def test_key_or_rngs_at_call_time():
+  layer = ogd_nnx.GradDrop(2)
+  with pytest.raises(ValueError, match="no rngs"):
+    layer(jnp.ones((2, 3)))
+  assert len(layer(jnp.ones((2, 3)), rngs=jax.random.key(0))) == 2
+  assert len(layer(jnp.ones((2, 3)), rngs=nnx.Rngs(graddrop=0))) == 2
+  with pytest.raises(TypeError, match="rngs"):
+    ogd_nnx.GradDrop(2, rngs=0)
