@@ -24,6 +24,7 @@ aggregator on the same matrix (relative to torch's own plain sum).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -73,6 +74,55 @@ def _torchjd_methods(task_grads: jax.Array) -> dict[str, Callable[[], Any]]:
     "torch plain sum": lambda: matrix.sum(0),
     "torchjd GradDrop": lambda: aggregator(matrix),
   }
+
+
+def _torchjd_training_steps(widths: Sequence[int], batch: int, num_tasks: int, repeats: int):
+  """torch: plain summed-loss Adam step vs torchjd's mtl_backward + GradDrop step."""
+  try:
+    import torch
+    from torchjd.aggregation import GradDrop
+    from torchjd.autojac import jac_to_grad
+    from torchjd.autojac import mtl_backward
+  except ImportError:
+    return []
+  torch.manual_seed(0)
+  layers = []
+  for m, n in itertools.pairwise(widths):
+    layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
+  trunk = torch.nn.Sequential(*layers)
+  heads = torch.nn.ModuleList([torch.nn.Linear(widths[-1], 1) for _ in range(num_tasks)])
+  optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-3)
+  x, y = torch.randn(batch, widths[0]), torch.randn(batch, num_tasks)
+  aggregator = GradDrop()
+
+  def losses():
+    features = trunk(x)
+    per_task = [((h(features)[:, 0] - y[:, i]) ** 2).mean() for i, h in enumerate(heads)]
+    return per_task, features
+
+  def plain_step():
+    optimizer.zero_grad()
+    per_task, _ = losses()
+    sum(per_task).backward()
+    optimizer.step()
+
+  def torchjd_step():
+    optimizer.zero_grad()
+    per_task, features = losses()
+    mtl_backward(per_task, features)
+    jac_to_grad(list(trunk.parameters()), aggregator)
+    optimizer.step()
+
+  times = _interleaved_medians(
+    {"torch plain step": plain_step, "torchjd GradDrop step": torchjd_step}, repeats
+  )
+  return [
+    (
+      "torchjd mtl_backward + GradDrop step (vs torch plain step)",
+      times["torchjd GradDrop step"] / times["torch plain step"],
+      times["torchjd GradDrop step"],
+    )
+  ]
 
 
 def _plain_sum(task_grads: jax.Array) -> jax.Array:
@@ -262,16 +312,20 @@ def main(argv: Sequence[str] | None = None) -> str:
   args = parser.parse_args(argv)
   size, repeats = (100_000, 5) if args.quick else (args.size, args.repeats)
   rows = [row for t in args.tasks for row in run(t, size, repeats)]
-  if args.quick:
-    models = {"MLP 32-64-64": (_mlp([32, 64, 64], 8), (16, 32))}
-  else:
-    models = {
-      "MLP 512-1024-1024, batch 256": (_mlp([512, 1024, 1024], 8), (256, 512)),
-      "conv 2x(3x3, 32ch), 16x16, batch 64": (_conv(32, 8), (64, 16, 16, 3)),
-    }
+  widths = [32, 64, 64] if args.quick else [512, 1024, 1024]
+  batch = 16 if args.quick else 256
+  mlp_name = f"MLP {'-'.join(map(str, widths))}, batch {batch}"
+  models = {mlp_name: (_mlp(widths, 8), (batch, widths[0]))}
+  if not args.quick:
+    models["conv 2x(3x3, 32ch), 16x16, batch 64"] = (_conv(32, 8), (64, 16, 16, 3))
   for name, (model, x_shape) in models.items():
     x = jax.random.normal(jax.random.key(3), x_shape)
     rows += run_training_steps(name, model, x, 8, repeats)
+    if name == mlp_name:
+      rows += [
+        {"tasks": 8, "size": name, "method": label, "seconds": t, "ratio": ratio}
+        for label, ratio, t in _torchjd_training_steps(widths, batch, 8, repeats)
+      ]
   table = markdown(rows)
   print(f"Machine: {_machine()}\n")
   print(table)
