@@ -6,6 +6,16 @@ Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
 
 from optax_graddrop import linen
 from optax_graddrop import nnx
+from optax_graddrop._baselines import mean_tasks
+from optax_graddrop._baselines import mean_transform
+from optax_graddrop._baselines import mgda
+from optax_graddrop._baselines import mgda_transform
+from optax_graddrop._baselines import mgda_weights
+from optax_graddrop._baselines import pcgrad
+from optax_graddrop._baselines import pcgrad_transform
+from optax_graddrop._baselines import pcgrad_weights
+from optax_graddrop._baselines import sum_tasks
+from optax_graddrop._baselines import sum_transform
 from optax_graddrop._core import GradDropStats
 from optax_graddrop._core import Keep
 from optax_graddrop._core import KeepFn
@@ -16,24 +26,46 @@ from optax_graddrop._core import sign_purity
 from optax_graddrop._fork import fork
 from optax_graddrop._fork import graddrop_activation
 from optax_graddrop._per_task import per_task_value_and_grad
-from optax_graddrop._transform import GradDropState
+from optax_graddrop._transform import AggregatorState
+from optax_graddrop._transform import aggregator_transform
 from optax_graddrop._transform import graddrop_transform
+from optax_graddrop._weighting import GradNorm
+from optax_graddrop._weighting import GradNormState
+from optax_graddrop._weighting import gradnorm
+from optax_graddrop._weighting import uncertainty_weighted_losses
+from optax_graddrop._weighting import weight_tasks
 
 __version__ = "0.1.0"
 
 __all__ = [
-  "GradDropState",
+  "AggregatorState",
   "GradDropStats",
+  "GradNorm",
+  "GradNormState",
   "Keep",
   "KeepFn",
+  "aggregator_transform",
   "fork",
   "graddrop",
   "graddrop_activation",
   "graddrop_transform",
+  "gradnorm",
   "keep_fn",
   "linen",
+  "mean_tasks",
+  "mean_transform",
+  "mgda",
+  "mgda_transform",
+  "mgda_weights",
   "nnx",
+  "pcgrad",
+  "pcgrad_transform",
+  "pcgrad_weights",
   "per_task_value_and_grad",
   "sign_masks",
   "sign_purity",
+  "sum_tasks",
+  "sum_transform",
+  "uncertainty_weighted_losses",
+  "weight_tasks",
 ]

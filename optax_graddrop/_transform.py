@@ -1,7 +1,14 @@
-"""GradDrop as an Optax gradient transformation (an aggregator)."""
+"""Optax forms of the aggregators: stacked per-task updates in, one update out.
+
+One factory, :func:`aggregator_transform`, turns any aggregation function
+over stacked per-task updates into an ``optax.experimental.aggregating.
+Aggregator``; :func:`graddrop_transform` and the baselines' transforms are
+built with it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
@@ -13,22 +20,84 @@ from optax.experimental import aggregating
 from optax_graddrop import _core
 from optax_graddrop import _validation
 
+AggregateFn = Callable[[Any, Any], tuple[Any, Any]]
 
-class GradDropState(NamedTuple):
-  """State of :func:`graddrop_transform`.
+
+class AggregatorState(NamedTuple):
+  """State of the transforms made by :func:`aggregator_transform`.
 
   Attributes:
     count: number of updates so far (int32).
-    rng_key: the key of the next update; every update splits it and uses a
-      fresh subkey, so no uniform is ever reused.
-    stats: :class:`GradDropStats` of the latest update, for logging (no
-      conflict and everything kept before the first update, or always with
-      ``track_stats=False``).
+    rng_key: the key of the next update (``None`` for deterministic
+      aggregators); every update splits it and uses a fresh subkey, so no
+      random number is ever reused.
+    stats: the aggregator's diagnostics of the latest update, for logging
+      (e.g. :class:`GradDropStats`); their initial value before the first.
   """
 
   count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
-  rng_key: jax.Array
-  stats: _core.GradDropStats
+  rng_key: jax.Array | None
+  stats: Any
+
+
+def aggregator_transform(
+  aggregate: AggregateFn,
+  key: jax.Array | int | None = None,
+  initial_stats: Any = (),
+) -> aggregating.Aggregator:
+  """Makes an Optax aggregator from a function over stacked per-task updates.
+
+  The returned transformation's ``update`` takes updates whose leaves carry a
+  leading task axis ``T`` (e.g. from :func:`per_task_value_and_grad`) and
+  returns ``aggregate(task_updates, step_key)``, shaped like the parameters.
+  It must therefore come first in ``optax.chain(...)``, before the optimizer,
+  or serve as the aggregator of ``optax.experimental.aggregating.process``.
+
+  Args:
+    aggregate: ``(task_updates, key) -> (updates, stats)``; ``key`` is a fresh
+      subkey every step, or ``None`` when ``key`` below is ``None``.
+    key: a PRNG key or int seed for randomised aggregators; ``None`` for
+      deterministic ones.
+    initial_stats: the ``stats`` of the state before the first update; must
+      have the structure of what ``aggregate`` returns.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator`` whose state is an
+    :class:`AggregatorState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_graddrop import aggregator_transform
+    >>> mean = aggregator_transform(lambda g, key: (g.mean(0), ()))
+    >>> tx = optax.chain(mean, optax.sgd(0.1))
+    >>> updates, state = tx.update(jnp.array([[1.0, 2.0], [3.0, 4.0]]), tx.init(jnp.zeros(2)))
+    >>> updates
+    Array([-0.2, -0.3], dtype=float32)
+  """
+  initial_key = None if key is None else _validation.check_key(key, allow_seed=True)
+
+  def init_fn(params: optax.Params) -> AggregatorState:
+    del params
+    return AggregatorState(count=jnp.zeros([], jnp.int32), rng_key=initial_key, stats=initial_stats)
+
+  def update_fn(
+    task_updates: optax.Updates,
+    state: AggregatorState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, AggregatorState]:
+    del params, extra_args
+    if state.rng_key is None:
+      next_key, step_key = None, None
+    else:
+      next_key, step_key = jax.random.split(state.rng_key)
+    updates, stats = aggregate(task_updates, step_key)
+    new_state = AggregatorState(
+      count=optax.safe_increment(state.count), rng_key=next_key, stats=stats
+    )
+    return updates, new_state
+
+  return aggregating.Aggregator(init_fn, update_fn)
 
 
 def graddrop_transform(
@@ -62,12 +131,12 @@ def graddrop_transform(
     track_stats: record :class:`GradDropStats` in the state at every update.
       Counting costs about as much as GradDrop itself (see
       ``benchmarks/speed.py``); with ``False`` the state's stats stay at their
-      initial values.
+      initial values (no conflict, everything kept).
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator`` (a
-    ``GradientTransformationExtraArgs``) whose state is a
-    :class:`GradDropState`.
+    ``GradientTransformationExtraArgs``) whose state is an
+    :class:`AggregatorState` with :class:`GradDropStats` as ``stats``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -88,37 +157,17 @@ def graddrop_transform(
     Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with
     Gradient Sign Dropout <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
   """
-  initial_key = _validation.check_key(key, allow_seed=True)
   options = dict(leak=leak, keep=keep, scale=scale, eps=eps, preserve_norm=preserve_norm)
   # Fail at construction, not at the first update inside jit.
+  key = _validation.check_key(key, allow_seed=True)
   _core.keep_fn(keep, scale)
+  initial_stats = _core.GradDropStats(
+    conflict_fraction=jnp.zeros([], jnp.float32), kept_fraction=jnp.ones([], jnp.float32)
+  )
 
-  def init_fn(params: optax.Params) -> GradDropState:
-    del params
-    return GradDropState(
-      count=jnp.zeros([], jnp.int32),
-      rng_key=initial_key,
-      stats=_core.GradDropStats(
-        conflict_fraction=jnp.zeros([], jnp.float32),
-        kept_fraction=jnp.ones([], jnp.float32),
-      ),
-    )
-
-  def update_fn(
-    task_updates: optax.Updates,
-    state: GradDropState,
-    params: optax.Params | None = None,
-    **extra_args: Any,
-  ) -> tuple[optax.Updates, GradDropState]:
-    del params, extra_args
-    next_key, step_key = jax.random.split(state.rng_key)
+  def aggregate(task_updates: Any, key: Any) -> tuple[Any, _core.GradDropStats]:
     if track_stats:
-      updates, stats = _core.graddrop(task_updates, step_key, return_stats=True, **options)
-    else:
-      updates, stats = _core.graddrop(task_updates, step_key, **options), state.stats
-    new_state = GradDropState(
-      count=optax.safe_increment(state.count), rng_key=next_key, stats=stats
-    )
-    return updates, new_state
+      return _core.graddrop(task_updates, key, return_stats=True, **options)
+    return _core.graddrop(task_updates, key, **options), initial_stats
 
-  return aggregating.Aggregator(init_fn, update_fn)
+  return aggregator_transform(aggregate, key, initial_stats)

@@ -1,0 +1,268 @@
+"""Baseline aggregators over stacked per-task gradients, for comparisons.
+
+Each takes a pytree whose leaves carry a leading task axis ``T`` (like
+:func:`graddrop`) and returns the pytree without it. PCGrad and MGDA use
+inner products over the WHOLE pytree (all leaves jointly), as the original
+methods do over the flattened shared parameters; both work on the ``T x T``
+Gram matrix, so their cost beyond the Gram matrix does not grow with the
+number of parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from optax.experimental import aggregating
+
+from optax_graddrop import _core
+from optax_graddrop import _transform
+from optax_graddrop import _validation
+
+
+def _gram(task_grads: Any) -> jax.Array:
+  """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider."""
+
+  def leaf_gram(g: jax.Array) -> jax.Array:
+    flat = g.reshape(g.shape[0], -1)
+    flat = flat.astype(jnp.promote_types(flat.dtype, jnp.float32))
+    return flat @ flat.T
+
+  return _core._total([leaf_gram(g) for g in jax.tree.leaves(task_grads)])
+
+
+def _weighted_sum(task_grads: Any, weights: jax.Array) -> Any:
+  """``sum_i w_i g_i`` per leaf, in the leaf's dtype."""
+
+  def leaf_sum(g: jax.Array) -> jax.Array:
+    w = weights.astype(jnp.promote_types(g.dtype, jnp.float32))
+    return jnp.tensordot(w, g.astype(w.dtype), axes=1).astype(g.dtype)
+
+  return jax.tree.map(leaf_sum, task_grads)
+
+
+def sum_tasks(task_grads: Any) -> Any:
+  """The plain sum ``sum_i g_i``: the gradient of the summed loss.
+
+  Args:
+    task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
+
+  Returns:
+    The pytree of sums, without the task axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_graddrop import sum_tasks
+    >>> sum_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
+    Array([ 4., -2.], dtype=float32)
+  """
+  _validation.check_task_grads(task_grads)
+  return jax.tree.map(lambda g: jnp.sum(g, axis=0), task_grads)
+
+
+def mean_tasks(task_grads: Any) -> Any:
+  """The mean ``1/T sum_i g_i``: the gradient of the mean loss.
+
+  Args:
+    task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
+
+  Returns:
+    The pytree of means, without the task axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_graddrop import mean_tasks
+    >>> mean_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
+    Array([ 2., -1.], dtype=float32)
+  """
+  _validation.check_task_grads(task_grads)
+  return jax.tree.map(lambda g: jnp.mean(g, axis=0), task_grads)
+
+
+def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
+  """PCGrad's result as weights on the original task gradients.
+
+  Every projected ``g_i'`` is a linear combination ``sum_k A[i, k] g_k`` of
+  the originals, so PCGrad runs on the Gram matrix alone: projecting ``g_i'``
+  off a conflicting ``g_j`` subtracts ``(<g_i', g_j> / |g_j|^2) e_j`` from
+  ``A[i]``. The output ``sum_i g_i'`` is ``sum_k w_k g_k`` with ``w = 1^T A``.
+
+  Args:
+    gram: the ``T x T`` Gram matrix of the task gradients.
+    key: draws, for every task, a random order of the other tasks.
+
+  Returns:
+    The weights ``w`` of shape ``(T,)``.
+  """
+  num_tasks = gram.shape[0]
+  keys = jax.random.split(key, num_tasks)
+  coefficients = jnp.eye(num_tasks, dtype=gram.dtype)
+  for i in range(num_tasks):
+    others = jnp.array([j for j in range(num_tasks) if j != i], jnp.int32)
+    order = jax.random.permutation(keys[i], others) if num_tasks > 1 else others
+    row = coefficients[i]
+    for step in range(num_tasks - 1):
+      j = order[step]
+      dot = row @ gram[:, j]
+      norm_sq = gram[j, j]
+      # Project only on a real conflict with a non-zero gradient.
+      factor = jnp.where((dot < 0) & (norm_sq > 0), dot / jnp.where(norm_sq > 0, norm_sq, 1), 0)
+      row = row - factor * jax.nn.one_hot(j, num_tasks, dtype=gram.dtype)
+    coefficients = coefficients.at[i].set(row)
+  return coefficients.sum(0)
+
+
+def pcgrad(task_grads: Any, key: jax.Array) -> Any:
+  """PCGrad (Yu et al., 2020): project away conflicting components, then sum.
+
+  For each task ``i``, in a random order of the other tasks ``j`` (drawn from
+  ``key``), ``g_i' <- g_i' - (<g_i', g_j> / |g_j|^2) g_j`` whenever
+  ``<g_i', g_j> < 0``; the result is ``sum_i g_i'``. Inner products are
+  over the whole pytree. Gradients without conflicts pass unchanged (their
+  sum).
+
+  Args:
+    task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
+    key: a PRNG key for the projection orders.
+
+  Returns:
+    The combined gradient, without the task axis.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_graddrop import pcgrad
+    >>> pcgrad(jnp.array([[1.0, 0.0], [-1.0, 1.0]]), jax.random.key(0))
+    Array([0.5, 1.5], dtype=float32)
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning
+    <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
+  """
+  _validation.check_task_grads(task_grads)
+  key = _validation.check_key(key)
+  return _weighted_sum(task_grads, pcgrad_weights(_gram(task_grads), key))
+
+
+def mgda_weights(gram: jax.Array, num_iterations: int = 100) -> jax.Array:
+  """Weights of the minimum-norm point of the convex hull of the gradients.
+
+  Minimises ``w^T G w`` over the simplex: the closed form for two tasks;
+  otherwise Frank-Wolfe with exact line search (Sener & Koltun 2018's
+  solver) from the best pair of tasks.
+
+  Args:
+    gram: the ``T x T`` Gram matrix of the task gradients.
+    num_iterations: Frank-Wolfe iterations for ``T > 2``.
+
+  Returns:
+    The weights ``w`` of shape ``(T,)``, non-negative and summing to 1.
+  """
+  num_tasks = gram.shape[0]
+
+  def segment_min(aa: Any, ab: Any, bb: Any) -> tuple[Any, Any]:
+    """``gamma`` minimising ``|gamma a + (1 - gamma) b|^2`` from the inner
+    products ``aa = <a, a>``, ``ab``, ``bb``; and that squared norm."""
+    denominator = aa - 2 * ab + bb
+    gamma = jnp.clip((bb - ab) / jnp.where(denominator > 0, denominator, 1), 0, 1)
+    gamma = jnp.where(denominator > 0, gamma, jnp.where(aa < bb, 1.0, 0.0))
+    return gamma, gamma**2 * aa + 2 * gamma * (1 - gamma) * ab + (1 - gamma) ** 2 * bb
+
+  if num_tasks == 1:
+    return jnp.ones((1,), gram.dtype)
+  pairs = [(i, j) for i in range(num_tasks) for j in range(i + 1, num_tasks)]
+  best = None
+  for i, j in pairs:
+    gamma, norm_sq = segment_min(gram[i, i], gram[i, j], gram[j, j])
+    weights = jnp.zeros(num_tasks, gram.dtype).at[i].set(gamma).at[j].set(1 - gamma)
+    if best is None:
+      best = (weights, norm_sq)
+    else:
+      better = norm_sq < best[1]
+      best = (jnp.where(better, weights, best[0]), jnp.where(better, norm_sq, best[1]))
+  assert best is not None
+  if num_tasks == 2:
+    return best[0]
+
+  def frank_wolfe_step(_: int, weights: jax.Array) -> jax.Array:
+    grad = gram @ weights  # <g_t, v> for v = sum_k w_k g_k
+    vertex = jnp.argmin(grad)
+    vv, tv, tt = weights @ grad, grad[vertex], gram[vertex, vertex]
+    gamma, _ = segment_min(tt, tv, vv)
+    return (1 - gamma) * weights + gamma * jax.nn.one_hot(vertex, num_tasks, dtype=gram.dtype)
+
+  return jax.lax.fori_loop(0, num_iterations, frank_wolfe_step, best[0])
+
+
+def mgda(task_grads: Any, num_iterations: int = 100) -> Any:
+  """MGDA (Sener & Koltun, 2018): the minimum-norm convex combination.
+
+  Returns ``sum_i w_i g_i`` with ``w`` on the simplex minimising its norm
+  (whole-pytree inner products). Convention: the result is NOT rescaled; its
+  weights sum to 1, so it is on the scale of the mean gradient, not of the
+  sum (multiply by ``T`` to compare step sizes with the plain sum; Adam is
+  insensitive to the scale).
+
+  Args:
+    task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
+    num_iterations: Frank-Wolfe iterations when ``T > 2``.
+
+  Returns:
+    The combined gradient, without the task axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_graddrop import mgda
+    >>> mgda(jnp.array([[1.0, 0.0], [0.0, 1.0]]))
+    Array([0.5, 0.5], dtype=float32)
+
+  References:
+    Sener & Koltun, `Multi-Task Learning as Multi-Objective Optimization
+    <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
+  """
+  _validation.check_task_grads(task_grads)
+  return _weighted_sum(task_grads, mgda_weights(_gram(task_grads), num_iterations))
+
+
+def pcgrad_transform(key: jax.Array | int) -> aggregating.Aggregator:
+  """:func:`pcgrad` as an Optax aggregator (first in ``optax.chain``).
+
+  Args:
+    key: a PRNG key or int seed for the projection orders.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator``.
+  """
+  key = _validation.check_key(key, allow_seed=True)
+
+  return _transform.aggregator_transform(lambda g, step_key: (pcgrad(g, step_key), ()), key)
+
+
+def mgda_transform(num_iterations: int = 100) -> aggregating.Aggregator:
+  """:func:`mgda` as an Optax aggregator (first in ``optax.chain``).
+
+  Args:
+    num_iterations: Frank-Wolfe iterations when ``T > 2``.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator``.
+  """
+  return _transform.aggregator_transform(lambda g, _: (mgda(g, num_iterations), ()))
+
+
+def sum_transform() -> aggregating.Aggregator:
+  """:func:`sum_tasks` as an Optax aggregator: the plain-sum baseline.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator``.
+  """
+  return _transform.aggregator_transform(lambda g, _: (sum_tasks(g), ()))
+
+
+def mean_transform() -> aggregating.Aggregator:
+  """:func:`mean_tasks` as an Optax aggregator: the mean-loss baseline.
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator``.
+  """
+  return _transform.aggregator_transform(lambda g, _: (mean_tasks(g), ()))
