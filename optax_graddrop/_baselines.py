@@ -42,6 +42,11 @@ def _weighted_sum(task_grads: Any, weights: jax.Array) -> Any:
   return jax.tree.map(leaf_sum, task_grads)
 
 
+def _reduce_tasks(task_grads: Any, reduce: Any) -> Any:
+  _validation.check_task_grads(task_grads)
+  return jax.tree.map(lambda g: reduce(g, axis=0), task_grads)
+
+
 def sum_tasks(task_grads: Any) -> Any:
   """The plain sum ``sum_i g_i``: the gradient of the summed loss.
 
@@ -57,18 +62,11 @@ def sum_tasks(task_grads: Any) -> Any:
     >>> sum_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
     Array([ 4., -2.], dtype=float32)
   """
-  _validation.check_task_grads(task_grads)
-  return jax.tree.map(lambda g: jnp.sum(g, axis=0), task_grads)
+  return _reduce_tasks(task_grads, jnp.sum)
 
 
 def mean_tasks(task_grads: Any) -> Any:
-  """The mean ``1/T sum_i g_i``: the gradient of the mean loss.
-
-  Args:
-    task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
-
-  Returns:
-    The pytree of means, without the task axis.
+  """The mean ``1/T sum_i g_i``: the gradient of the mean loss (see :func:`sum_tasks`).
 
   Example:
     >>> import jax.numpy as jnp
@@ -76,8 +74,7 @@ def mean_tasks(task_grads: Any) -> Any:
     >>> mean_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
     Array([ 2., -1.], dtype=float32)
   """
-  _validation.check_task_grads(task_grads)
-  return jax.tree.map(lambda g: jnp.mean(g, axis=0), task_grads)
+  return _reduce_tasks(task_grads, jnp.mean)
 
 
 def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:

@@ -33,13 +33,8 @@ class GradDrop(nn.Module):
 
   Attributes:
     num_tasks: the number of branches ``T``.
-    leak: as for :func:`optax_graddrop.graddrop`.
-    keep: as for :func:`optax_graddrop.graddrop`.
-    scale: as for :func:`optax_graddrop.graddrop`.
-    eps: as for :func:`optax_graddrop.graddrop`.
-    marginalize: as for :func:`optax_graddrop.graddrop_activation`.
-    batch_axes: as for :func:`optax_graddrop.graddrop_activation`.
-    preserve_norm: as for :func:`optax_graddrop.graddrop_activation`.
+    leak, keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
+      :func:`optax_graddrop.fork`.
     deterministic: default for the call's ``deterministic``.
     rng_collection: the rng stream to draw keys from.
   """

@@ -34,13 +34,8 @@ class GradDrop(nnx.Module):
 
   Args:
     num_tasks: the number of branches ``T``.
-    leak: as for :func:`optax_graddrop.graddrop`.
-    keep: as for :func:`optax_graddrop.graddrop`.
-    scale: as for :func:`optax_graddrop.graddrop`.
-    eps: as for :func:`optax_graddrop.graddrop`.
-    marginalize: as for :func:`optax_graddrop.graddrop_activation`.
-    batch_axes: as for :func:`optax_graddrop.graddrop_activation`.
-    preserve_norm: as for :func:`optax_graddrop.graddrop_activation`.
+    leak, keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
+      :func:`optax_graddrop.fork`.
     deterministic: if True, no GradDrop (and no key needed).
     rng_collection: the rng stream to draw keys from.
     rngs: an ``nnx.Rngs`` with that stream, or an ``nnx.RngStream``.
