@@ -10,6 +10,11 @@ floor, with the machine noted.
     python benchmarks/speed.py --quick    # a small size, seconds
     python benchmarks/speed.py --tasks 2 8 40 --size 1000000
 
+A last table shows how the cost grows with the number of tasks T (2, 8, 40:
+CelebA has 40): graddrop's time per task, its compiled scratch memory (in
+units of one task's gradient; no [T, N] temporary means it stays flat), and
+the fork training step relative to the plain step with T heads.
+
 Then times jitted training steps (gradient + Adam update) of multitask
 models, interleaved: the plain summed-loss step, the same model with
 ``fork`` (activation-level GradDrop, one backward pass) and the
@@ -290,6 +295,40 @@ def run_training_steps(
   ]
 
 
+def _temp_bytes(fn: Callable, *args: Any) -> int:
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return -1 if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def _scaling_row(num_tasks: int, size: int, repeats: int) -> str:
+  task_grads = jax.random.normal(jax.random.key(0), (num_tasks, size), jnp.float32)
+  key = jax.random.key(1)
+  floor = jax.jit(_plain_sum)
+  drop = jax.jit(lambda g, k: ogd.graddrop(g, k))
+  times = _interleaved_medians(
+    {"floor": lambda: floor(task_grads), "graddrop": lambda: drop(task_grads, key)}, repeats
+  )
+  scratch = _temp_bytes(lambda g, k: ogd.graddrop(g, k), task_grads, key) / (4 * size)
+  x = jax.random.normal(jax.random.key(3), (64, 32))
+  steps = run_training_steps("scaling", _mlp([32, 128, 128], num_tasks), x, num_tasks, repeats)
+  fork_ratio = next(r["ratio"] for r in steps if r["method"].startswith("fork"))
+  return (
+    f"| {num_tasks} | {1e3 * times['graddrop']:.2f} | {1e3 * times['graddrop'] / num_tasks:.3f} "
+    f"| {times['graddrop'] / times['floor']:.2f}x | {scratch:.2f} | {fork_ratio:.2f}x |"
+  )
+
+
+def run_task_scaling(tasks: Sequence[int], size: int, repeats: int) -> str:
+  """Time and scratch memory of graddrop and of a fork step as T grows."""
+  lines = [
+    "| T | graddrop ms | graddrop ms per task | ratio to floor | scratch / one task's bytes "
+    "| fork step / plain step |",
+    "|---:|---:|---:|---:|---:|---:|",
+  ]
+  lines += [_scaling_row(num_tasks, size, repeats) for num_tasks in tasks]
+  return "\n".join(lines)
+
+
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
   lines = [
     "| T | N | method | median ms | ratio |",
@@ -309,6 +348,13 @@ def main(argv: Sequence[str] | None = None) -> str:
   parser.add_argument("--tasks", type=int, nargs="+", default=[8])
   parser.add_argument("--size", type=int, default=10_000_000, help="entries per task")
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument(
+    "--scaling-tasks",
+    type=int,
+    nargs="*",
+    default=[2, 8, 40],
+    help="T values for the scaling table",
+  )
   args = parser.parse_args(argv)
   size, repeats = (100_000, 5) if args.quick else (args.size, args.repeats)
   rows = [row for t in args.tasks for row in run(t, size, repeats)]
@@ -329,6 +375,12 @@ def main(argv: Sequence[str] | None = None) -> str:
   table = markdown(rows)
   print(f"Machine: {_machine()}\n")
   print(table)
+  if args.scaling_tasks:
+    scaling_size = 10_000 if args.quick else 1_000_000
+    print(
+      f"\nScaling with the number of tasks (N = {scaling_size:,} per task; MLP 32-128-128, T heads):\n"
+    )
+    print(run_task_scaling(args.scaling_tasks, scaling_size, repeats))
   return table
 
 

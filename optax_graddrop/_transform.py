@@ -28,9 +28,11 @@ class AggregatorState(NamedTuple):
 
   Attributes:
     count: number of updates so far (int32).
-    rng_key: the key of the next update (``None`` for deterministic
-      aggregators); every update splits it and uses a fresh subkey, so no
-      random number is ever reused.
+    rng_key: the raw data (``jax.random.key_data``, ``uint32``) of the key of
+      the next update, ``None`` for deterministic aggregators. Every update
+      splits it and uses a fresh subkey, so no random number is ever reused.
+      Raw data keeps the state plain arrays, which every checkpointer
+      (orbax, ``flax.serialization``) stores.
     stats: the aggregator's diagnostics of the latest update, for logging
       (e.g. :class:`GradDropStats`); their initial value before the first.
   """
@@ -75,10 +77,12 @@ def aggregator_transform(
     Array([-0.2, -0.3], dtype=float32)
   """
   initial_key = None if key is None else _validation.check_key(key, allow_seed=True)
+  impl = None if initial_key is None else jax.random.key_impl(initial_key)
 
   def init_fn(params: optax.Params) -> AggregatorState:
     del params
-    return AggregatorState(count=jnp.zeros([], jnp.int32), rng_key=initial_key, stats=initial_stats)
+    key_data = None if initial_key is None else jax.random.key_data(initial_key)
+    return AggregatorState(count=jnp.zeros([], jnp.int32), rng_key=key_data, stats=initial_stats)
 
   def update_fn(
     task_updates: optax.Updates,
@@ -90,7 +94,8 @@ def aggregator_transform(
     if state.rng_key is None:
       next_key, step_key = None, None
     else:
-      next_key, step_key = jax.random.split(state.rng_key)
+      next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
+      next_key = jax.random.key_data(next_key)
     updates, stats = aggregate(task_updates, step_key)
     new_state = AggregatorState(
       count=optax.safe_increment(state.count), rng_key=next_key, stats=stats

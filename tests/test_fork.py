@@ -221,3 +221,21 @@ def test_several_batch_axes_share_one_mask():
   negative_set = jnp.sum(jnp.where(signal <= 0, cotangents, 0), 0)
   per_column = lambda same: jnp.all(same, axis=(0, 1))  # noqa: E731
   assert jnp.all(per_column(out == positive_set) | per_column(out == negative_set))
+
+
+def test_jitted_fork_step_compiles_once_over_keys_and_data():
+  params, x, y = _model()
+  traces = 0
+
+  def step(params, x, y, key):
+    nonlocal traces
+    traces += 1
+    grads = jax.grad(_loss)(params, x, y, key)
+    return jax.tree.map(lambda p, g: p - 1e-2 * g, params, grads)
+
+  jitted = jax.jit(step)
+  key = jax.random.key(0)
+  for i in range(100):
+    key, step_key = jax.random.split(key)
+    params = jitted(params, x + 0.01 * i, y, step_key)
+  assert traces == 1

@@ -1,4 +1,7 @@
-"""Every bad input to the public API gets an error that names the problem."""
+"""Every bad input to the public API gets an error that names the problem.
+
+None of these reaches XLA: all are raised at trace time, eagerly or under jit.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +102,51 @@ def test_per_task_rejects_non_vector_losses(fun, match):
 def test_per_task_rejects_argnums_out_of_range():
   with pytest.raises(ValueError, match="argnums"):
     ogd.per_task_value_and_grad(lambda w: w, argnums=2)(jnp.ones(3))
+
+
+FORK_CASES = [
+  ({"num_tasks": 0}, ValueError, "`num_tasks` must be an int >= 1"),
+  ({"num_tasks": True}, ValueError, "`num_tasks`"),
+  ({"batch_axes": (3,)}, ValueError, r"`batch_axes` \(3,\) is out of range"),
+  ({"batch_axes": (0, 0)}, ValueError, "repeats an axis"),
+  ({"batch_axes": ("0",)}, TypeError, "`batch_axes` must be a tuple of ints"),
+  ({"marginalize": "median"}, ValueError, "`marginalize` must be"),
+  ({"features": jnp.ones((4, 3), jnp.int32)}, TypeError, "floating-point features"),
+  ({"features": {}}, ValueError, "`features` has no array leaves"),
+  ({"leak": [0.1, 0.2, 0.3]}, ValueError, "`leak`"),
+  ({"leak": 2.0}, ValueError, r"\[0, 1\]"),
+  ({"key": 3}, TypeError, "`key` must be a PRNG key"),
+  ({"keep": "fair"}, ValueError, "Unknown `keep`"),
+]
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), FORK_CASES)
+def test_fork_and_layers_reject_bad_input(changes, error, match):
+  args = {"features": jnp.ones((4, 3)), "key": KEY, "num_tasks": 2} | changes
+  with pytest.raises(error, match=match):
+    ogd.fork(args.pop("features"), args.pop("key"), args.pop("num_tasks"), **args)
+
+
+def test_graddrop_activation_rejects_mismatched_cotangents():
+  with pytest.raises(ValueError, match=r"`task_cotangents\[1\]` has structure"):
+    ogd.graddrop_activation({"a": jnp.ones(3)}, [{"a": jnp.ones(3)}, jnp.ones(3)], KEY)
+
+
+def test_baselines_and_weighting_reject_bad_input():
+  with pytest.raises(TypeError, match="dtype int32"):
+    ogd.mgda(jnp.ones((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match="task axis of size 0"):
+    ogd.pcgrad(jnp.ones((0, 3)), KEY)
+  with pytest.raises(TypeError, match="`key`"):
+    ogd.pcgrad_transform("seed")
+  with pytest.raises(ValueError, match="`weights` must have shape"):
+    ogd.weight_tasks(GOOD, jnp.ones(3))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(2.0, 3.0), (-1.0, -2.0)])
+def test_keep_values_outside_unit_interval_act_as_0_or_1(value, expected):
+  # Decided: no error (f is traced, its values unknown at trace time); a
+  # uniform in [0, 1) is never below 0 nor at or above 1, so f is clipped.
+  task_grads = jnp.broadcast_to(jnp.array([3.0, -2.0])[:, None], (2, 1000))
+  out = ogd.graddrop(task_grads, KEY, keep=lambda p: jnp.full_like(p, value))
+  assert jnp.all(out == expected)
