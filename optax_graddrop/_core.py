@@ -173,12 +173,16 @@ class _SignChoice(NamedTuple):
 
 
 def _choose_signs(
-  slices: Sequence[jax.Array], key: jax.Array, fn: KeepFn, eps: float
+  slices: Sequence[jax.Array],
+  key: jax.Array,
+  fn: KeepFn,
+  eps: float,
+  materialize_bits: bool = False,
 ) -> _SignChoice:
   positive, negative = _sign_sums(slices)
   purity = _purity_from_sums(positive, negative, eps)
   prob = _keep_probability(fn, purity).astype(purity.dtype)
-  bits = _random.uniform_bits(key, purity.shape)
+  bits = _random.uniform_bits(key, purity.shape, materialize=materialize_bits)
   # U = bits / 2**16 < f  <=>  bits < 2**16 f, exact in float.
   choose_positive = bits.astype(purity.dtype) < prob * _random.SCALE
   # Where all signs agree there is nothing to pick: the whole sum passes
@@ -250,7 +254,10 @@ def _combine_by_signal(
   The signals may have fewer elements than the gradients (reduced axes kept
   as size 1); their masks broadcast over the gradients.
   """
-  choice = _choose_signs(signal_slices, key, fn, eps)
+  # Marginalised signals are broadcast over the batch: have the bits computed
+  # once rather than per batch element.
+  broadcast = signal_slices[0].shape != grad_slices[0].shape
+  choice = _choose_signs(signal_slices, key, fn, eps, materialize_bits=broadcast)
   terms = []
   for task, (grad, signal) in enumerate(zip(grad_slices, signal_slices)):
     dropped = jnp.zeros_like(grad) if leak is None else leak[task] * grad

@@ -53,3 +53,11 @@ def test_graddrop_accepts_other_key_implementations():
   np.testing.assert_array_equal(
     out, jax.jit(ogd.graddrop)(task_grads, jax.random.key(1, impl="rbg"))
   )
+
+
+@pytest.mark.parametrize("shape", [(8,), (4, 6), (2, 3, 4, 10)])
+def test_materialized_bits_are_the_same_values(shape):
+  key = jax.random.key(4)
+  np.testing.assert_array_equal(
+    _random.uniform_bits(key, shape), _random.uniform_bits(key, shape, materialize=True)
+  )
