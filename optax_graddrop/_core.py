@@ -357,8 +357,7 @@ def graddrop(
   num_tasks = _validation.check_task_grads(task_grads)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
-  if eps < 0:
-    raise ValueError(f"`eps` must be >= 0; got {eps}.")
+  _validation.check_eps(eps)
   fn = keep_fn(keep, scale)
 
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)

@@ -29,8 +29,7 @@ Marginalize = Literal["sign", "value"] | None
 def _check_options(
   features: Any, num_tasks: Any, marginalize: Any, batch_axes: Any
 ) -> tuple[int, ...]:
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-    raise ValueError(f"`num_tasks` must be an int >= 1; got {num_tasks!r}.")
+  _validation.check_num_tasks(num_tasks)
   if marginalize not in ("sign", "value", None):
     raise ValueError(f"`marginalize` must be 'sign', 'value' or None; got {marginalize!r}.")
   if isinstance(batch_axes, int):
@@ -130,6 +129,7 @@ def graddrop_activation(
   batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
+  _validation.check_eps(eps)
   fn = _core.keep_fn(keep, scale)
   leaves, treedef = jax.tree_util.tree_flatten(features)
   cotangent_leaves = []
@@ -209,6 +209,7 @@ def fork(
   batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
+  _validation.check_eps(eps)
   _core.keep_fn(keep, scale)
   options = _ForkOptions(num_tasks, keep, scale, eps, marginalize, batch_axes, preserve_norm)
   return _split(options, features, key, leak_per_task)

@@ -53,6 +53,19 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   )
 
 
+def check_num_tasks(num_tasks: Any) -> int:
+  """Checks a task count given as an argument (``fork``, ``gradnorm``)."""
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    raise ValueError(f"`num_tasks` must be an int >= 1; got {num_tasks!r}.")
+  return num_tasks
+
+
+def check_eps(eps: Any) -> None:
+  """Checks the purity's ``eps``, which must keep the denominator positive."""
+  if eps < 0:
+    raise ValueError(f"`eps` must be >= 0; got {eps}.")
+
+
 def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   """Checks that every leaf is a real float array with the same task axis.
 

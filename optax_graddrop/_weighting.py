@@ -150,8 +150,7 @@ def gradnorm(
     Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
     ICML 2018.
   """
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-    raise ValueError(f"`num_tasks` must be an int >= 1; got {num_tasks!r}.")
+  _validation.check_num_tasks(num_tasks)
   weight_optimizer = optax.adam(0.025) if optimizer is None else optimizer
 
   def init() -> GradNormState:
@@ -171,11 +170,8 @@ def gradnorm(
         f"GradNorm was built for {num_tasks} tasks; got losses of shape {losses.shape} "
         f"and layer gradients for {found} tasks."
       )
-    squares = [
-      jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(num_tasks, -1), axis=1)
-      for g in jax.tree.leaves(layer_task_grads)
-    ]
-    grad_norms = jnp.sqrt(sum(squares[1:], squares[0]))
+    as_float32 = jax.tree.map(lambda g: g.astype(jnp.float32), layer_task_grads)
+    grad_norms = jax.vmap(optax.tree.norm)(as_float32)
     initial = jnp.where(state.count == 0, losses, state.initial_losses)
     ratios = losses / initial
     inverse_rates = ratios / jnp.mean(ratios)

@@ -117,6 +117,7 @@ FORK_CASES = [
   ({"leak": 2.0}, ValueError, r"\[0, 1\]"),
   ({"key": 3}, TypeError, "`key` must be a PRNG key"),
   ({"keep": "fair"}, ValueError, "Unknown `keep`"),
+  ({"eps": -1.0}, ValueError, "`eps` must be >= 0"),
 ]
 
 
