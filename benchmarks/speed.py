@@ -30,27 +30,18 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
+import _common
 import jax
 import jax.numpy as jnp
 import optax
 
 import optax_graddrop as ogd
-
-
-def _machine() -> str:
-  device = jax.devices()[0]
-  return (
-    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
-  )
 
 
 def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -373,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         for label, ratio, t in _torchjd_training_steps(widths, batch, 8, repeats)
       ]
   table = markdown(rows)
-  print(f"Machine: {_machine()}\n")
+  print(f"Machine: {_common.machine()}\n")
   print(table)
   if args.scaling_tasks:
     scaling_size = 10_000 if args.quick else 1_000_000

@@ -6,6 +6,7 @@ Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
 
 from optax_graddrop import linen
 from optax_graddrop import nnx
+from optax_graddrop import problems
 from optax_graddrop._baselines import mean_tasks
 from optax_graddrop._baselines import mean_transform
 from optax_graddrop._baselines import mgda
@@ -62,6 +63,7 @@ __all__ = [
   "pcgrad_transform",
   "pcgrad_weights",
   "per_task_value_and_grad",
+  "problems",
   "sign_masks",
   "sign_purity",
   "sum_tasks",

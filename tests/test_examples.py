@@ -5,12 +5,16 @@ import pathlib
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load(relative_path):
   path = ROOT / relative_path
+  # The benchmarks import their shared helpers as sibling modules.
+  if str(path.parent) not in sys.path:
+    sys.path.insert(0, str(path.parent))
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   sys.modules[path.stem] = module
@@ -37,3 +41,31 @@ def test_speed_benchmark_quick_prints_ratios(capsys):
   rows = [line for line in table.splitlines() if "| graddrop |" in line]
   assert len(rows) == 2
   assert all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
+
+
+def test_toy_benchmark_quick_writes_tables_and_figure(tmp_path, capsys):
+  text = _load("benchmarks/toy.py").main(["--quick", "--out", str(tmp_path)])
+  assert text in capsys.readouterr().out
+  for method in ("mean", "GradDrop", "random GradDrop", "PCGrad", "MGDA"):
+    rows = [line for line in text.splitlines() if line.startswith(f"| {method} |")]
+    assert len(rows) == 3 + 1 + 1  # three starts, the grid, the 1-D toy
+  assert (tmp_path / "toy.md").read_text().strip() == text
+  assert (tmp_path / "toy.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("script", "columns"), [("multidigits", 6), ("attributes", 5)])
+def test_multitask_benchmarks_quick(tmp_path, capsys, script, columns):
+  runs = _load(f"benchmarks/{script}.py").main(["--quick", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  methods = _load("benchmarks/_multitask.py").METHODS
+  assert list(runs) == list(methods)
+  for name, method_runs in runs.items():
+    (run,) = method_runs
+    assert np.all((run.accuracy >= 0) & (run.accuracy <= 1)) and run.seconds_per_step > 0
+    graddrop = "GradDrop" in name
+    assert np.isnan(run.kept_fraction) != graddrop
+    if graddrop:
+      assert 0.0 < run.kept_fraction < 1.0
+    row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+    assert row.count("|") == columns + 1
+  assert (tmp_path / f"{script}.md").exists() and (tmp_path / f"{script}.png").exists()

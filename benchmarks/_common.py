@@ -1,0 +1,46 @@
+"""What every benchmark script shares: the machine line, tables, result files."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+  """One line naming the machine and the JAX backend the numbers come from."""
+  device = jax.devices()[0]
+  return (
+    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+  )
+
+
+def mean_std(values: Any, scale: float = 1.0, digits: int = 2) -> str:
+  """``"mean +- std"`` of ``values * scale`` (std over seeds, ddof 0)."""
+  values = np.asarray(values, dtype=np.float64) * scale
+  return f"{values.mean():.{digits}f} +- {values.std():.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  """A markdown table; the first column left-aligned, the others right-aligned."""
+  lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+  lines += ["| " + " | ".join(row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_results(out_dir: pathlib.Path | str, name: str, text: str, figure: Any) -> list[str]:
+  """Writes ``<name>.md`` and ``<name>.png`` under ``out_dir``; returns the paths."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  md, png = out / f"{name}.md", out / f"{name}.png"
+  md.write_text(text + "\n")
+  figure.savefig(png, dpi=110, bbox_inches="tight")
+  return [str(md), str(png)]

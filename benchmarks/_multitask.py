@@ -1,0 +1,306 @@
+"""The training harness shared by the multitask classification benchmarks.
+
+One small Flax NNX model (a conv trunk, then ``T`` linear heads), one Adam
+setting, and the ways of combining the tasks that the benchmarks compare.
+Every method trains the same initialisation on the same batches; only the
+combination differs:
+
+* ``sum``: ``jax.grad`` of the summed losses;
+* ``GradDrop (act.)`` / ``random GradDrop (act.)``: ``fork`` on the trunk's
+  output (the paper's form, one backward pass), ``keep="linear"`` /
+  ``"random"``;
+* ``GradDrop (param.)``: per-task gradients of all parameters and
+  ``graddrop_transform``;
+* ``PCGrad`` / ``MGDA``: per-task gradients and ``pcgrad_transform`` /
+  ``mgda_transform``;
+* ``uncertainty``: Kendall et al.'s learned weights, then a plain sum;
+* ``GradDrop + uncertainty``: the weighted losses through ``fork``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_graddrop as ogd
+from optax_graddrop.problems import MultitaskData
+
+
+class Method(NamedTuple):
+  """How one benchmark method combines the task losses."""
+
+  fork_keep: str | None = None  # a keep function: GradDrop through `fork`
+  aggregator: Callable[[int], optax.GradientTransformation] | None = None  # per-task grads
+  uncertainty: bool = False
+
+
+METHODS: dict[str, Method] = {
+  "sum": Method(),
+  "GradDrop (act.)": Method(fork_keep="linear"),
+  "random GradDrop (act.)": Method(fork_keep="random"),
+  "GradDrop (param.)": Method(aggregator=ogd.graddrop_transform),
+  "PCGrad": Method(aggregator=ogd.pcgrad_transform),
+  "MGDA": Method(aggregator=lambda seed: ogd.mgda_transform()),
+  "uncertainty": Method(uncertainty=True),
+  "GradDrop + uncertainty": Method(fork_keep="linear", uncertainty=True),
+}
+
+
+class Hyperparameters(NamedTuple):
+  """Shared by every method (tuned once, on ``sum``)."""
+
+  learning_rate: float
+  batch_size: int
+  steps: int
+  channels: int = 16
+  hidden: int = 64
+
+
+class Model(nnx.Module):
+  """Two 3x3 convs (the second with stride 2), a dense layer, ``T`` heads."""
+
+  def __init__(
+    self, image_size: int, num_tasks: int, num_classes: int, hp: Hyperparameters, rngs: nnx.Rngs
+  ):
+    c = hp.channels
+    self.conv1 = nnx.Conv(1, c, kernel_size=(3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(c, 2 * c, kernel_size=(3, 3), strides=(2, 2), rngs=rngs)
+    flat = 2 * c * ((image_size + 1) // 2) ** 2
+    self.dense = nnx.Linear(flat, hp.hidden, rngs=rngs)
+    init = nnx.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,))
+    self.head_kernels = nnx.Param(init(rngs.params(), (num_tasks, hp.hidden, num_classes)))
+    self.head_biases = nnx.Param(jnp.zeros((num_tasks, num_classes)))
+    self.log_variances = nnx.Param(jnp.zeros((num_tasks,)))
+
+  def features(self, images: jax.Array) -> jax.Array:
+    x = nnx.relu(self.conv1(images))
+    x = nnx.relu(self.conv2(x))
+    return nnx.relu(self.dense(x.reshape(x.shape[0], -1)))
+
+  def predict(self, images: jax.Array) -> jax.Array:
+    """Logits ``[T, B, classes]`` of every head."""
+    features = self.features(images)
+    return self.heads(jnp.broadcast_to(features, (self.head_biases.shape[0], *features.shape)))
+
+  def heads(self, branches: jax.Array) -> jax.Array:
+    """``[T, B, hidden]`` -> logits ``[T, B, classes]``, head ``t`` on branch ``t``."""
+    return jnp.einsum("tbh,thc->tbc", branches, self.head_kernels) + self.head_biases[:, None]
+
+
+def _cross_entropies(model: Model, branches: jax.Array, labels: jax.Array) -> jax.Array:
+  logits = model.heads(branches)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels.T).mean(axis=1)
+
+
+def task_losses(
+  model: Model, images: jax.Array, labels: jax.Array, key: jax.Array | None, method: Method
+) -> jax.Array:
+  """The ``T`` losses to differentiate (weighted for uncertainty methods)."""
+  features = model.features(images)
+  num_tasks = labels.shape[1]
+  if method.fork_keep is None:
+    branches = jnp.broadcast_to(features, (num_tasks, *features.shape))
+  else:
+    branches = jnp.stack(ogd.fork(features, key, num_tasks, keep=method.fork_keep))
+  return _weighted(model, _cross_entropies(model, branches, labels), method)
+
+
+def _weighted(model: Model, losses: jax.Array, method: Method) -> jax.Array:
+  if method.uncertainty:
+    return ogd.uncertainty_weighted_losses(losses, model.log_variances)
+  return losses
+
+
+class Run(NamedTuple):
+  """The outcome of training one method from one seed."""
+
+  accuracy: np.ndarray  # test accuracy per task
+  seconds_per_step: float  # median over chunks after compilation
+  kept_fraction: float  # GradDrop's kept share of gradient entries at the end; NaN otherwise
+
+
+def _kept_fraction(
+  graphdef: Any, params: Any, images: jax.Array, labels: jax.Array, method: Method
+) -> float:
+  """The share of task-gradient entries GradDrop keeps, on one batch."""
+  key = jax.random.key(0)
+  num_tasks = labels.shape[1]
+  if method.aggregator is ogd.graddrop_transform:
+    per_task = ogd.per_task_value_and_grad(
+      lambda p: task_losses(nnx.merge(graphdef, p), images, labels, None, method)
+    )
+
+    def kept(params: Any) -> jax.Array:
+      return ogd.graddrop(per_task(params)[1], key, return_stats=True)[1].kept_fraction
+
+  elif method.fork_keep is not None:
+    # What `fork`'s backward sees: per-task cotangents of the features,
+    # marginalised over the batch with the features' sign.
+    def kept(params: Any) -> jax.Array:
+      model = nnx.merge(graphdef, params)
+      features = model.features(images)
+
+      def losses_of(features: jax.Array) -> jax.Array:
+        branches = jnp.broadcast_to(features, (num_tasks, *features.shape))
+        return _weighted(model, _cross_entropies(model, branches, labels), method)
+
+      cotangents = jax.jacrev(losses_of)(features)
+      signals = jnp.sum(jnp.sign(features) * cotangents, axis=1)
+      return jnp.mean(ogd.sign_masks(signals, key, keep=method.fork_keep))
+
+  else:
+    return float("nan")
+  return float(jax.jit(kept)(params))
+
+
+def train(
+  data: MultitaskData, method: Method, hp: Hyperparameters, seed: int, chunk: int = 50
+) -> Run:
+  """Trains ``method`` from ``seed``; returns test accuracies, speed, kept share."""
+  num_tasks = data.train_labels.shape[1]
+  chunk = min(chunk, hp.steps)
+  if hp.steps % chunk:
+    raise ValueError(f"steps ({hp.steps}) must be a multiple of {chunk}.")
+  model = Model(data.train_images.shape[1], num_tasks, data.num_classes, hp, nnx.Rngs(seed))
+  graphdef, params = nnx.split(model)
+  train_images, train_labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
+
+  def losses_fn(params: Any, images: jax.Array, labels: jax.Array, key: Any) -> jax.Array:
+    return task_losses(nnx.merge(graphdef, params), images, labels, key, method)
+
+  adam = optax.adam(hp.learning_rate)
+  if method.aggregator is None:
+    tx = adam
+
+    def updates_fn(params, opt_state, images, labels, key):
+      grads = jax.grad(lambda p: losses_fn(p, images, labels, key).sum())(params)
+      return tx.update(grads, opt_state, params)
+  else:
+    tx = optax.chain(method.aggregator(seed), adam)
+    per_task = ogd.per_task_value_and_grad(losses_fn)
+
+    def updates_fn(params, opt_state, images, labels, key):
+      _, task_grads = per_task(params, images, labels, key)
+      return tx.update(task_grads, opt_state, params)
+
+  def step(carry, step_index):
+    params, opt_state = carry
+    step_key = jax.random.fold_in(jax.random.key(seed), step_index)
+    batch_key, fork_key = jax.random.split(step_key)
+    idx = jax.random.randint(batch_key, (hp.batch_size,), 0, train_images.shape[0])
+    updates, opt_state = updates_fn(
+      params, opt_state, train_images[idx], train_labels[idx], fork_key
+    )
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  # A Python loop over a jitted step: XLA:CPU runs convolutions inside a
+  # `lax.scan` body several times slower than at the top level.
+  jit_step = jax.jit(step)
+  opt_state = tx.init(params)
+  times = []
+  for start in range(0, hp.steps, chunk):
+    begin = time.perf_counter()
+    for step_index in range(start, start + chunk):
+      (params, opt_state), _ = jit_step((params, opt_state), step_index)
+    jax.block_until_ready(params)
+    times.append((time.perf_counter() - begin) / chunk)
+
+  test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
+  logits = jax.jit(lambda p, x: nnx.merge(graphdef, p).predict(x))(params, test_images)
+  accuracy = np.asarray(jnp.mean(jnp.argmax(logits, -1) == test_labels.T, axis=1))
+  kept = _kept_fraction(graphdef, params, train_images[:256], train_labels[:256], method)
+  # The first chunk includes compilation.
+  seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
+  return Run(accuracy, seconds, kept)
+
+
+def run_all(
+  data: MultitaskData,
+  hp: Hyperparameters,
+  seeds: int,
+  methods: dict[str, Method] = METHODS,
+  progress: bool = True,
+) -> dict[str, list[Run]]:
+  """Trains every method from seeds ``0..seeds-1``, with a progress bar."""
+  from tqdm import tqdm
+
+  jobs = [(name, seed) for seed in range(seeds) for name in methods]
+  runs: dict[str, list[Run]] = {name: [] for name in methods}
+  for name, seed in tqdm(jobs, desc="training", disable=not progress):
+    runs[name].append(train(data, methods[name], hp, seed))
+  return runs
+
+
+def validation_split(data: MultitaskData, fraction: float = 0.2) -> MultitaskData:
+  """The training set split again: its last ``fraction`` becomes the test set."""
+  cut = round(len(data.train_images) * (1 - fraction))
+  return data._replace(
+    train_images=data.train_images[:cut],
+    train_labels=data.train_labels[:cut],
+    test_images=data.train_images[cut:],
+    test_labels=data.train_labels[cut:],
+  )
+
+
+def tune_learning_rate(
+  data: MultitaskData, hp: Hyperparameters, learning_rates: Sequence[float], seeds: int = 2
+) -> str:
+  """Validation accuracy of ``sum`` for each learning rate, as a table.
+
+  The validation set is the last fifth of the training set. For
+  MultiDigits its pairs reuse the training pairs' source digits, so the
+  accuracy is optimistic; it only ranks the learning rates.
+  """
+  from _common import markdown_table
+  from _common import mean_std
+
+  val = validation_split(data)
+  rows = []
+  for lr in learning_rates:
+    runs = run_all(val, hp._replace(learning_rate=lr), seeds, {"sum": METHODS["sum"]})
+    accuracy = [run.accuracy.mean() for run in runs["sum"]]
+    rows.append([f"{lr:g}", mean_std(accuracy, 100)])
+  return markdown_table(["learning rate", "sum: validation accuracy (%)"], rows)
+
+
+def speed_and_kept(runs: list[Run], sum_runs: list[Run]) -> list[str]:
+  """Table cells: step time relative to ``sum`` and GradDrop's kept share."""
+  ratio = statistics.median(r.seconds_per_step for r in runs) / statistics.median(
+    r.seconds_per_step for r in sum_runs
+  )
+  kept = np.array([r.kept_fraction for r in runs])
+  return [f"{ratio:.2f}x", "-" if np.isnan(kept).all() else f"{100 * kept.mean():.1f}"]
+
+
+def bar_figure(values: dict[str, np.ndarray], ylabel: str, title: str) -> Any:
+  """Mean +- std over seeds per method, with every seed as a dot."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  names = list(values)
+  means = [np.mean(values[n]) for n in names]
+  stds = [np.std(values[n]) for n in names]
+  colors = ["0.6" if n == "sum" else ("C1" if "GradDrop" in n else "C0") for n in names]
+  ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
+  for i, name in enumerate(names):
+    ax.plot(np.full(len(values[name]), i), values[name], "k.", markersize=3)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  spread = max(max(means) - min(means), max(stds), 1e-3)
+  ax.set_ylim(min(means) - 3 * spread, max(means) + 3 * spread)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  fig.tight_layout()
+  return fig
