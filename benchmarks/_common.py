@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pathlib
 import platform
@@ -44,3 +45,18 @@ def write_results(out_dir: pathlib.Path | str, name: str, text: str, figure: Any
   md.write_text(text + "\n")
   figure.savefig(png, dpi=110, bbox_inches="tight")
   return [str(md), str(png)]
+
+
+def argument_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+  """The options every quality benchmark has: --quick, --seeds, --steps, --out."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=steps)
+  parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
+  return parser
+
+
+def output_dir(args: argparse.Namespace) -> pathlib.Path | str | None:
+  """Where results go: ``--out``, else ``results/`` for full runs, else nowhere."""
+  return args.out or (None if args.quick else RESULTS_DIR)

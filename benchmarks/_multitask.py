@@ -19,6 +19,7 @@ combination differs:
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
+import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,16 +108,19 @@ def task_losses(
   model: Model, images: jax.Array, labels: jax.Array, key: jax.Array | None, method: Method
 ) -> jax.Array:
   """The ``T`` losses to differentiate (weighted for uncertainty methods)."""
-  features = model.features(images)
+  return _losses_of_features(model, model.features(images), labels, key, method)
+
+
+def _losses_of_features(
+  model: Model, features: jax.Array, labels: jax.Array, key: jax.Array | None, method: Method
+) -> jax.Array:
+  """The heads' losses on the trunk's output; through ``fork`` unless ``key`` is None."""
   num_tasks = labels.shape[1]
-  if method.fork_keep is None:
+  if method.fork_keep is None or key is None:
     branches = jnp.broadcast_to(features, (num_tasks, *features.shape))
   else:
     branches = jnp.stack(ogd.fork(features, key, num_tasks, keep=method.fork_keep))
-  return _weighted(model, _cross_entropies(model, branches, labels), method)
-
-
-def _weighted(model: Model, losses: jax.Array, method: Method) -> jax.Array:
+  losses = _cross_entropies(model, branches, labels)
   if method.uncertainty:
     return ogd.uncertainty_weighted_losses(losses, model.log_variances)
   return losses
@@ -134,7 +139,6 @@ def _kept_fraction(
 ) -> float:
   """The share of task-gradient entries GradDrop keeps, on one batch."""
   key = jax.random.key(0)
-  num_tasks = labels.shape[1]
   if method.aggregator is ogd.graddrop_transform:
     per_task = ogd.per_task_value_and_grad(
       lambda p: task_losses(nnx.merge(graphdef, p), images, labels, None, method)
@@ -149,12 +153,9 @@ def _kept_fraction(
     def kept(params: Any) -> jax.Array:
       model = nnx.merge(graphdef, params)
       features = model.features(images)
-
-      def losses_of(features: jax.Array) -> jax.Array:
-        branches = jnp.broadcast_to(features, (num_tasks, *features.shape))
-        return _weighted(model, _cross_entropies(model, branches, labels), method)
-
-      cotangents = jax.jacrev(losses_of)(features)
+      cotangents = jax.jacrev(lambda f: _losses_of_features(model, f, labels, None, method))(
+        features
+      )
       signals = jnp.sum(jnp.sign(features) * cotangents, axis=1)
       return jnp.mean(ogd.sign_masks(signals, key, keep=method.fork_keep))
 
@@ -168,9 +169,6 @@ def train(
 ) -> Run:
   """Trains ``method`` from ``seed``; returns test accuracies, speed, kept share."""
   num_tasks = data.train_labels.shape[1]
-  chunk = min(chunk, hp.steps)
-  if hp.steps % chunk:
-    raise ValueError(f"steps ({hp.steps}) must be a multiple of {chunk}.")
   model = Model(data.train_images.shape[1], num_tasks, data.num_classes, hp, nnx.Rngs(seed))
   graphdef, params = nnx.split(model)
   train_images, train_labels = jnp.asarray(data.train_images), jnp.asarray(data.train_labels)
@@ -193,27 +191,27 @@ def train(
       _, task_grads = per_task(params, images, labels, key)
       return tx.update(task_grads, opt_state, params)
 
-  def step(carry, step_index):
-    params, opt_state = carry
+  @jax.jit
+  def step(params, opt_state, step_index):
     step_key = jax.random.fold_in(jax.random.key(seed), step_index)
     batch_key, fork_key = jax.random.split(step_key)
     idx = jax.random.randint(batch_key, (hp.batch_size,), 0, train_images.shape[0])
     updates, opt_state = updates_fn(
       params, opt_state, train_images[idx], train_labels[idx], fork_key
     )
-    return (optax.apply_updates(params, updates), opt_state), None
+    return optax.apply_updates(params, updates), opt_state
 
   # A Python loop over a jitted step: XLA:CPU runs convolutions inside a
   # `lax.scan` body several times slower than at the top level.
-  jit_step = jax.jit(step)
   opt_state = tx.init(params)
   times = []
   for start in range(0, hp.steps, chunk):
+    stop = min(start + chunk, hp.steps)
     begin = time.perf_counter()
-    for step_index in range(start, start + chunk):
-      (params, opt_state), _ = jit_step((params, opt_state), step_index)
+    for step_index in range(start, stop):
+      params, opt_state = step(params, opt_state, step_index)
     jax.block_until_ready(params)
-    times.append((time.perf_counter() - begin) / chunk)
+    times.append((time.perf_counter() - begin) / (stop - start))
 
   test_images, test_labels = jnp.asarray(data.test_images), jnp.asarray(data.test_labels)
   logits = jax.jit(lambda p, x: nnx.merge(graphdef, p).predict(x))(params, test_images)
@@ -222,6 +220,30 @@ def train(
   # The first chunk includes compilation.
   seconds = statistics.median(times[1:]) if len(times) > 1 else times[0]
   return Run(accuracy, seconds, kept)
+
+
+def parse_args(
+  doc: str, hp: Hyperparameters, argv: Sequence[str] | None
+) -> tuple[argparse.Namespace, Hyperparameters, int]:
+  """The benchmark's options, its hyperparameters and number of seeds."""
+  parser = _common.argument_parser(doc, hp.steps)
+  parser.add_argument(
+    "--tune", type=float, nargs="+", metavar="LR", help="sweep these learning rates on sum"
+  )
+  args = parser.parse_args(argv)
+  hp = hp._replace(steps=args.steps)
+  if args.quick:
+    return args, hp._replace(steps=6, batch_size=16), 1
+  return args, hp, args.seeds
+
+
+def describe(data: MultitaskData, hp: Hyperparameters, tuning: str) -> str:
+  """One line with the data sizes and the shared hyperparameters."""
+  return (
+    f"{len(data.train_images)} training / {len(data.test_images)} test images; "
+    f"Adam lr {hp.learning_rate:g}, batch {hp.batch_size}, {hp.steps} steps; "
+    f"conv trunk {hp.channels}-{2 * hp.channels} channels, dense {hp.hidden}; {tuning}."
+  )
 
 
 def run_all(
@@ -261,16 +283,13 @@ def tune_learning_rate(
   MultiDigits its pairs reuse the training pairs' source digits, so the
   accuracy is optimistic; it only ranks the learning rates.
   """
-  from _common import markdown_table
-  from _common import mean_std
-
   val = validation_split(data)
   rows = []
   for lr in learning_rates:
     runs = run_all(val, hp._replace(learning_rate=lr), seeds, {"sum": METHODS["sum"]})
     accuracy = [run.accuracy.mean() for run in runs["sum"]]
-    rows.append([f"{lr:g}", mean_std(accuracy, 100)])
-  return markdown_table(["learning rate", "sum: validation accuracy (%)"], rows)
+    rows.append([f"{lr:g}", _common.mean_std(accuracy, 100)])
+  return _common.markdown_table(["learning rate", "sum: validation accuracy (%)"], rows)
 
 
 def speed_and_kept(runs: list[Run], sum_runs: list[Run]) -> list[str]:

@@ -17,7 +17,6 @@ entries GradDrop keeps at the end; the results file adds the per-task errors.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import _common
@@ -33,21 +32,8 @@ TUNING = "lr from {3e-4, 1e-3, 3e-3, 1e-2} on sum (validation 95.1 / 95.2 / 95.4
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[_multitask.Run]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="few steps, one seed")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=HYPERPARAMETERS.steps)
-  parser.add_argument(
-    "--tune", type=float, nargs="+", metavar="LR", help="sweep these learning rates on sum"
-  )
-  parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
-  args = parser.parse_args(argv)
-
+  args, hp, seeds = _multitask.parse_args(__doc__, HYPERPARAMETERS, argv)
   data = problems.digit_attributes()
-  hp = HYPERPARAMETERS._replace(steps=args.steps)
-  seeds = args.seeds
-  if args.quick:
-    hp, seeds = hp._replace(steps=6, batch_size=16), 1
   if args.tune:
     print(_multitask.tune_learning_rate(data, hp, args.tune))
     return {}
@@ -71,15 +57,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[_multitask.Run]]:
   text = (
     f"# Digit attributes: {len(data.task_names)} binary tasks, test error over "
     f"{seeds} seeds\n\n"
-    f"{len(data.train_images)} training / {len(data.test_images)} test digits; "
-    f"Adam lr {hp.learning_rate:g}, batch {hp.batch_size}, {hp.steps} steps; "
-    f"conv trunk {hp.channels}-{2 * hp.channels} channels, dense {hp.hidden}; "
-    f"{TUNING}.\n\n"
+    f"{_multitask.describe(data, hp, TUNING)}\n\n"
     f"{_common.markdown_table(header, rows)}\n\n"
     f"Test error per task (%), mean over seeds:\n\n{per_task}\n\nMachine: {_common.machine()}"
   )
   print(text)
-  out = args.out or (None if args.quick else _common.RESULTS_DIR)
+  out = _common.output_dir(args)
   if out is not None:
     figure = _multitask.bar_figure(
       {name: e.mean(1) for name, e in errors.items()},

@@ -15,7 +15,6 @@ share of gradient entries GradDrop keeps at the end of training.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import _common
@@ -31,22 +30,8 @@ TUNING = "lr from {3e-4, 1e-3, 3e-3, 1e-2} on sum (validation 97.1 / 98.7 / 99.3
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[_multitask.Run]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="tiny data, few steps, one seed")
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=HYPERPARAMETERS.steps)
-  parser.add_argument(
-    "--tune", type=float, nargs="+", metavar="LR", help="sweep these learning rates on sum"
-  )
-  parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
-  args = parser.parse_args(argv)
-
-  hp = HYPERPARAMETERS._replace(steps=args.steps)
-  if args.quick:
-    data = problems.multidigits(num_train=256, num_test=128)
-    hp, seeds = hp._replace(steps=6, batch_size=16), 1
-  else:
-    data, seeds = problems.multidigits(), args.seeds
+  args, hp, seeds = _multitask.parse_args(__doc__, HYPERPARAMETERS, argv)
+  data = problems.multidigits(num_train=256, num_test=128) if args.quick else problems.multidigits()
   if args.tune:
     print(_multitask.tune_learning_rate(data, hp, args.tune))
     return {}
@@ -68,14 +53,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[_multitask.Run]]:
   table = _common.markdown_table(header, rows)
   text = (
     f"# MultiDigits: test accuracy, mean +- std over {seeds} seeds\n\n"
-    f"{len(data.train_images)} training / {len(data.test_images)} test pairs; "
-    f"Adam lr {hp.learning_rate:g}, batch {hp.batch_size}, {hp.steps} steps; "
-    f"conv trunk {hp.channels}-{2 * hp.channels} channels, dense {hp.hidden}; "
-    f"{TUNING}.\n\n"
+    f"{_multitask.describe(data, hp, TUNING)}\n\n"
     f"{table}\n\nMachine: {_common.machine()}"
   )
   print(text)
-  out = args.out or (None if args.quick else _common.RESULTS_DIR)
+  out = _common.output_dir(args)
   if out is not None:
     averages = {name: np.array([r.accuracy.mean() for r in rs]) * 100 for name, rs in runs.items()}
     figure = _multitask.bar_figure(

@@ -21,7 +21,6 @@ Methods: ``mean`` (the plain average), ``GradDrop`` (parameter level on
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -227,12 +226,7 @@ def figure(landscape: dict[str, Any], multi_minimum: dict[str, Any]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true", help="few steps and starts; seconds")
-  parser.add_argument("--steps", type=int, default=100_000)
-  parser.add_argument("--seeds", type=int, default=5)
-  parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
-  args = parser.parse_args(argv)
+  args = _common.argument_parser(__doc__, steps=100_000).parse_args(argv)
   if args.quick:
     steps, seeds, grid, record, one_d_steps, one_d_starts = 200, 2, 2, 50, 200, 16
   else:
@@ -251,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     f"{tables(landscape, multi_minimum, seeds)}\n\nMachine: {_common.machine()}"
   )
   print(text)
-  out = args.out or (None if args.quick else _common.RESULTS_DIR)
+  out = _common.output_dir(args)
   if out is not None:
     print("\n".join(_common.write_results(out, "toy", text, figure(landscape, multi_minimum))))
   return text

@@ -20,7 +20,6 @@ data, never download anything, and are deterministic given ``seed``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from typing import NamedTuple
 
 import jax
@@ -256,11 +255,15 @@ def multidigits(
   return MultitaskData(*train, *test, task_names=("left", "right"), num_classes=10)
 
 
-def _classes(*digits: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+# An attribute: (images [N, 8, 8], labels [N]) -> bool [N].
+_Attribute = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _classes(*digits: int) -> _Attribute:
   return lambda images, labels: np.isin(labels, digits)
 
 
-def _above_median(statistic: Callable[[np.ndarray], np.ndarray]) -> Any:
+def _above_median(statistic: Callable[[np.ndarray], np.ndarray]) -> _Attribute:
   def attribute(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     del labels
     values = statistic(images)
@@ -281,10 +284,10 @@ def _left_minus_right(images: np.ndarray) -> np.ndarray:
   return images[:, :, :4].sum(axis=(1, 2)) - images[:, :, 4:].sum(axis=(1, 2))
 
 
-# name -> (description, attribute of (images [N, 8, 8], labels [N]) -> bool [N]).
+# name -> (description, attribute).
 # Nine depend on the class only; three on the handwriting itself (thresholds
 # at the median over all 1,797 digits, so each is true for half of them).
-DIGIT_ATTRIBUTES: dict[str, tuple[str, Callable[[np.ndarray, np.ndarray], np.ndarray]]] = {
+DIGIT_ATTRIBUTES: dict[str, tuple[str, _Attribute]] = {
   "even": ("0, 2, 4, 6, 8", _classes(0, 2, 4, 6, 8)),
   "greater_than_4": ("5 to 9", _classes(5, 6, 7, 8, 9)),
   "prime": ("2, 3, 5, 7", _classes(2, 3, 5, 7)),
