@@ -20,31 +20,38 @@ from optax_graddrop import _core
 from optax_graddrop import _transform
 from optax_graddrop import _validation
 
+# Inner products computed per pass over the task gradients: more would not
+# fit in registers (measured on XLA:CPU).
+_PRODUCTS_PER_PASS = 16
+
 
 def _gram(task_grads: Any) -> jax.Array:
-  """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider."""
+  """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider.
 
-  def leaf_gram(g: jax.Array) -> jax.Array:
-    flat = g.reshape(g.shape[0], -1)
-    flat = flat.astype(jnp.promote_types(flat.dtype, jnp.float32))
-    return flat @ flat.T
+  Computed as fused sums of elementwise products (``_PRODUCTS_PER_PASS``
+  per pass over the gradients); XLA:CPU's matrix product ``g @ g.T`` of a
+  ``[T, N]`` stack is many times slower.
+  """
+  leaves = jax.tree.leaves(task_grads)
+  num_tasks = leaves[0].shape[0]
+  rows = [g.reshape(num_tasks, -1) for g in leaves]
+  dtype = _core._compute_dtype(jnp.result_type(*leaves))
+  pairs = [(i, j) for i in range(num_tasks) for j in range(i, num_tasks)]
+  inner: dict[tuple[int, int], jax.Array] = {}
+  for start in range(0, len(pairs), _PRODUCTS_PER_PASS):
+    group = pairs[start : start + _PRODUCTS_PER_PASS]
+    for r in rows:
+      products = [r[i].astype(dtype) * r[j].astype(dtype) for i, j in group]
+      for pair, total in zip(group, _core._sum_all(products, dtype)):
+        inner[pair] = inner[pair] + total if pair in inner else total
+  return jnp.stack(
+    [jnp.stack([inner[min(i, j), max(i, j)] for j in range(num_tasks)]) for i in range(num_tasks)]
+  )
 
-  return _core._total([leaf_gram(g) for g in jax.tree.leaves(task_grads)])
 
-
-def _weighted_sum(task_grads: Any, weights: jax.Array) -> Any:
-  """``sum_i w_i g_i`` per leaf, in the leaf's dtype."""
-
-  def leaf_sum(g: jax.Array) -> jax.Array:
-    w = weights.astype(jnp.promote_types(g.dtype, jnp.float32))
-    return jnp.tensordot(w, g.astype(w.dtype), axes=1).astype(g.dtype)
-
-  return jax.tree.map(leaf_sum, task_grads)
-
-
-def _reduce_tasks(task_grads: Any, reduce: Any) -> Any:
-  _validation.check_task_grads(task_grads)
-  return jax.tree.map(lambda g: reduce(g, axis=0), task_grads)
+def _weighted_sum(task_grads: Any, weights: jax.Array | None = None) -> Any:
+  """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype."""
+  return jax.tree.map(lambda g: _core._task_sum(g, weights), task_grads)
 
 
 def sum_tasks(task_grads: Any) -> Any:
@@ -62,7 +69,8 @@ def sum_tasks(task_grads: Any) -> Any:
     >>> sum_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
     Array([ 4., -2.], dtype=float32)
   """
-  return _reduce_tasks(task_grads, jnp.sum)
+  _validation.check_task_grads(task_grads)
+  return _weighted_sum(task_grads)
 
 
 def mean_tasks(task_grads: Any) -> Any:
@@ -74,7 +82,8 @@ def mean_tasks(task_grads: Any) -> Any:
     >>> mean_tasks(jnp.array([[1.0, 2.0], [3.0, -4.0]]))
     Array([ 2., -1.], dtype=float32)
   """
-  return _reduce_tasks(task_grads, jnp.mean)
+  num_tasks = _validation.check_task_grads(task_grads)
+  return _weighted_sum(task_grads, jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
 
 def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:

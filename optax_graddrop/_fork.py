@@ -58,11 +58,9 @@ def _check_options(
 
 
 def _signal(
-  features: jax.Array, cotangent: jax.Array, marginalize: Marginalize, batch_axes: Sequence[int]
+  features: jax.Array, cotangent: jax.Array, marginalize: str, batch_axes: Sequence[int]
 ) -> jax.Array:
   """The per-task signal whose sign GradDrop looks at (DESIGN step 1)."""
-  if marginalize is None:
-    return cotangent
   axes = tuple(a % features.ndim for a in batch_axes)
   # The weight gradient of the next layer is input x cotangent, so the sign
   # of the input decides the sign each task pushes on the weights.
@@ -78,7 +76,7 @@ def graddrop_activation(
   leak: Any = 0.0,
   keep: _core.Keep = "linear",
   scale: float = 1.0,
-  eps: float = 1e-7,
+  eps: float = 0.0,
   marginalize: Marginalize = "sign",
   batch_axes: int | Sequence[int] = (0,),
   preserve_norm: bool = False,
@@ -145,11 +143,25 @@ def graddrop_activation(
   for index, (leaf, leaf_key) in enumerate(zip(leaves, _random.leaf_keys(key, len(leaves)))):
     dtype = _core._compute_dtype(jnp.result_type(leaf))
     grads = [c[index].astype(dtype) for c in cotangent_leaves]
-    signals = [_signal(leaf, g, marginalize, batch_axes) for g in grads]
-    out = _core._combine_by_signal(grads, signals, leaf_key, leak_per_task, fn, eps)
-    if preserve_norm:
-      out = _core._rescale_to_norm(out, _core._total(grads))
-    combined.append(out.astype(jnp.result_type(leaf)))
+    signals = None
+    if marginalize is not None:
+      signals = [_signal(leaf, g, marginalize, batch_axes) for g in grads]
+    signal_shape = grads[0].shape if signals is None else signals[0].shape
+    init = _core._zero_sums(
+      signal_shape,
+      grads[0].shape,
+      dtype,
+      per_task_leak=leak_per_task is not None,
+      separate_signals=signals is not None,
+    )
+    sums = _core._accumulate(init, grads, leak_per_task, signals)
+    # Marginalised signals are broadcast over the batch: have the bits
+    # computed once rather than per batch element.
+    bits = _random.uniform_bits(leaf_key, signal_shape, materialize=signals is not None)
+    out, _ = _core._finish(
+      sums, bits, fn, eps, out_dtype=jnp.result_type(leaf), preserve_norm=preserve_norm
+    )
+    combined.append(out)
   return jax.tree_util.tree_unflatten(treedef, combined)
 
 
@@ -161,7 +173,7 @@ def fork(
   leak: Any = 0.0,
   keep: _core.Keep = "linear",
   scale: float = 1.0,
-  eps: float = 1e-7,
+  eps: float = 0.0,
   marginalize: Marginalize = "sign",
   batch_axes: int | Sequence[int] = (0,),
   preserve_norm: bool = False,

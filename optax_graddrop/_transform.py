@@ -111,7 +111,7 @@ def graddrop_transform(
   leak: Any = 0.0,
   keep: _core.Keep = "linear",
   scale: float = 1.0,
-  eps: float = 1e-7,
+  eps: float = 0.0,
   preserve_norm: bool = False,
   track_stats: bool = True,
 ) -> aggregating.Aggregator:

@@ -48,7 +48,7 @@ class GradDrop(nnx.Module):
     leak: Any = 0.0,
     keep: _core.Keep = "linear",
     scale: float = 1.0,
-    eps: float = 1e-7,
+    eps: float = 0.0,
     marginalize: _fork.Marginalize = "sign",
     batch_axes: int | Sequence[int] = (0,),
     preserve_norm: bool = False,
