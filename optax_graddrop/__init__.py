@@ -27,6 +27,7 @@ from optax_graddrop._core import sign_purity
 from optax_graddrop._fork import fork
 from optax_graddrop._fork import graddrop_activation
 from optax_graddrop._per_task import per_task_value_and_grad
+from optax_graddrop._streaming import graddrop_value_and_grad
 from optax_graddrop._transform import AggregatorState
 from optax_graddrop._transform import aggregator_transform
 from optax_graddrop._transform import graddrop_transform
@@ -50,6 +51,7 @@ __all__ = [
   "graddrop",
   "graddrop_activation",
   "graddrop_transform",
+  "graddrop_value_and_grad",
   "gradnorm",
   "keep_fn",
   "linen",

@@ -22,6 +22,72 @@ def _loss_vector(losses: Any) -> jax.Array:
   return losses
 
 
+def check_chunk_size(chunk_size: Any) -> None:
+  """Checks the number of tasks per backward pass."""
+  if chunk_size is not None and (
+    isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+  ):
+    raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
+
+
+def task_vjp(
+  fun: Callable[..., Any],
+  argnums: int | Sequence[int],
+  has_aux: bool,
+  args: Sequence[Any],
+  kwargs: dict[str, Any],
+) -> tuple[jax.Array, Callable[[jax.Array], Any], Any]:
+  """One forward pass of ``fun`` and its VJP with respect to ``argnums``.
+
+  Args:
+    fun: returns a 1-D vector of task losses (or ``(losses, aux)``).
+    argnums: the positional argument(s) to differentiate.
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+    args: the positional arguments.
+    kwargs: the keyword arguments.
+
+  Returns:
+    ``(losses, vjp_fn, aux)``: ``vjp_fn`` maps a cotangent of the losses to
+    the gradient of the differentiated argument (a tuple of them when
+    ``argnums`` is a sequence); ``aux`` is ``None`` without ``has_aux``.
+
+  Raises:
+    ValueError: if ``argnums`` names a missing argument or ``fun`` does not
+      return a non-empty 1-D float vector.
+  """
+  argnum_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  for i in argnum_tuple:
+    if not -len(args) <= i < len(args):
+      raise ValueError(
+        f"`argnums` names positional argument {i}, but the function was "
+        f"called with {len(args)} positional arguments."
+      )
+
+  def fun_of_diff_args(*diff_args: Any) -> Any:
+    full_args = list(args)
+    for i, arg in zip(argnum_tuple, diff_args):
+      full_args[i] = arg
+    return fun(*full_args, **kwargs)
+
+  diff_args = [args[i] for i in argnum_tuple]
+  if has_aux:
+    losses, vjp_fn, aux = jax.vjp(fun_of_diff_args, *diff_args, has_aux=True)
+  else:
+    (losses, vjp_fn), aux = jax.vjp(fun_of_diff_args, *diff_args), None
+
+  def grad_of(cotangent: jax.Array) -> Any:
+    grads = vjp_fn(cotangent)
+    return grads[0] if isinstance(argnums, int) else grads
+
+  return _loss_vector(losses), grad_of, aux
+
+
+def task_cotangents(num_tasks: int, start: Any, size: int, dtype: Any) -> jax.Array:
+  """One-hot cotangents ``[size, T]`` selecting tasks ``start..start+size-1``."""
+  tasks = start + jax.lax.iota(jnp.int32, size)
+  return (tasks[:, None] == jax.lax.iota(jnp.int32, num_tasks)[None, :]).astype(dtype)
+
+
 def per_task_value_and_grad(
   fun: Callable[..., Any],
   argnums: int | Sequence[int] = 0,
@@ -41,9 +107,10 @@ def per_task_value_and_grad(
   and the batched backward pass keeps ``T`` copies of the backward
   intermediates at once. ``chunk_size`` bounds the latter to ``chunk_size``
   copies (``jax.lax.map`` over chunks of tasks) at the price of ``T /
-  chunk_size`` sequential passes. When the shared part of a model feeds task
-  heads through one representation, :func:`graddrop` at that activation
-  needs no per-task gradients at all.
+  chunk_size`` sequential passes. :func:`graddrop_value_and_grad` gives
+  GradDrop's result without the ``[T, ...]`` stack at all, and when the
+  shared part of a model feeds task heads through one representation,
+  ``fork`` at that activation needs no per-task gradients.
 
   Args:
     fun: function whose output is a 1-D float vector of the ``T`` task losses
@@ -68,37 +135,15 @@ def per_task_value_and_grad(
     Array([[2., 2.],
            [1., 1.]], dtype=float32)
   """
-  if chunk_size is not None and chunk_size < 1:
-    raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size}.")
-  argnum_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  check_chunk_size(chunk_size)
 
   def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
-    for i in argnum_tuple:
-      if not -len(args) <= i < len(args):
-        raise ValueError(
-          f"`argnums` names positional argument {i}, but the function was "
-          f"called with {len(args)} positional arguments."
-        )
-
-    def fun_of_diff_args(*diff_args: Any) -> Any:
-      full_args = list(args)
-      for i, arg in zip(argnum_tuple, diff_args):
-        full_args[i] = arg
-      return fun(*full_args, **kwargs)
-
-    diff_args = [args[i] for i in argnum_tuple]
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(fun_of_diff_args, *diff_args, has_aux=True)
-    else:
-      losses, vjp_fn = jax.vjp(fun_of_diff_args, *diff_args)
-    losses = _loss_vector(losses)
+    losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)
     cotangents = jnp.eye(losses.shape[0], dtype=losses.dtype)
     if chunk_size is None:
-      task_grads = jax.vmap(vjp_fn)(cotangents)
+      task_grads = jax.vmap(grad_of)(cotangents)
     else:
-      task_grads = jax.lax.map(vjp_fn, cotangents, batch_size=chunk_size)
-    if isinstance(argnums, int):
-      (task_grads,) = task_grads
+      task_grads = jax.lax.map(grad_of, cotangents, batch_size=chunk_size)
     value = (losses, aux) if has_aux else losses
     return value, task_grads
 

@@ -54,6 +54,9 @@ def aggregator_transform(
   returns ``aggregate(task_updates, step_key)``, shaped like the parameters.
   It must therefore come first in ``optax.chain(...)``, before the optimizer,
   or serve as the aggregator of ``optax.experimental.aggregating.process``.
+  When ``params`` are passed to ``update`` (as ``optax.chain`` does), every
+  leaf of the updates must be ``[T, *param.shape]``; anything else (a plain
+  gradient, tasks on another axis) raises a ``ValueError`` naming the leaf.
 
   Args:
     aggregate: ``(task_updates, key) -> (updates, stats)``; ``key`` is a fresh
@@ -90,7 +93,9 @@ def aggregator_transform(
     params: optax.Params | None = None,
     **extra_args: Any,
   ) -> tuple[optax.Updates, AggregatorState]:
-    del params, extra_args
+    del extra_args
+    if params is not None:
+      _validation.check_stacked_like_params(task_updates, params)
     if state.rng_key is None:
       next_key, step_key = None, None
     else:

@@ -153,3 +153,42 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
   if not np.any(values):
     return None
   return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (num_tasks,))
+
+
+def check_stacked_like_params(task_updates: Any, params: Any, *, name: str = "updates") -> None:
+  """Checks that every leaf of ``task_updates`` is ``[T, *param.shape]``.
+
+  Args:
+    task_updates: per-task updates, stacked on a leading task axis.
+    params: the parameters they update.
+    name: the argument's name, for error messages.
+
+  Raises:
+    ValueError: if the structures differ, or a leaf is not its parameter's
+      shape behind one leading task axis (a plain unstacked gradient, tasks
+      stacked on another axis, other trailing dimensions).
+  """
+  update_leaves, update_def = jax.tree_util.tree_flatten_with_path(task_updates)
+  param_leaves, param_def = jax.tree_util.tree_flatten(params)
+  if update_def != param_def:  # type: ignore[operator]  # PyTreeDef has no stubs
+    raise ValueError(
+      f"`{name}` must have the structure of the parameters, with every leaf "
+      f"stacked on a leading task axis; got structure {update_def} for "
+      f"parameters of structure {param_def}."
+    )
+  for (path, update), param in zip(update_leaves, param_leaves):
+    shape, param_shape = tuple(jnp.shape(update)), tuple(jnp.shape(param))
+    if len(shape) == len(param_shape) + 1 and shape[1:] == param_shape:
+      continue
+    expected = "(T, " + ", ".join(map(str, param_shape)) + ")" if param_shape else "(T,)"
+    hint = (
+      " It has the parameter's own shape: pass per-task gradients stacked on a "
+      "leading axis (e.g. from per_task_value_and_grad), not a plain gradient."
+      if shape == param_shape
+      else ""
+    )
+    raise ValueError(
+      f"`{name}{jax.tree_util.keystr(path)}` has shape {shape}; expected "
+      f"[T, *param.shape] = {expected}, the parameter's shape {param_shape} "
+      f"behind a leading axis of T tasks.{hint}"
+    )

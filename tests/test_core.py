@@ -3,16 +3,19 @@
 import math
 
 import chex
+import graddrop_oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import strategies
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import optax_graddrop as ogd
+from optax_graddrop import _core
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
 
@@ -296,3 +299,53 @@ def test_monte_carlo_mean_matches_the_closed_form_expectation():
   mean = np.asarray(samples, np.float64).mean(0)
   bound = 5.5 * std / math.sqrt(num_keys) + 2**-16 * (positive - negative) + 1e-5
   assert np.all(np.abs(mean - expected) <= bound), np.max(np.abs(mean - expected) / bound)
+
+
+# --- Against the NumPy oracle (tests/graddrop_oracle.py) -------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(strategies.problems(), st.integers(0, 2**31 - 1), st.booleans())
+def test_graddrop_agrees_with_the_numpy_oracle(problem, seed, jit):
+  key = jax.random.key(seed)
+
+  def run(task_grads, key):
+    return ogd.graddrop(task_grads, key, return_stats=True, **problem.options())
+
+  out, stats = (jax.jit(run) if jit else run)(problem.as_dtype(), key)
+  expected = graddrop_oracle.graddrop(problem.leaves(), key, **problem.options())
+  strategies.assert_matches_oracle(jax.tree.leaves(out), expected, problem)
+  options = {"keep": problem.keep, "scale": problem.scale}
+  conflict_fraction, kept_fraction = graddrop_oracle.stats(problem.leaves(), key, **options)
+  np.testing.assert_allclose(stats.conflict_fraction, conflict_fraction, rtol=1e-6)
+  np.testing.assert_allclose(stats.kept_fraction, kept_fraction, rtol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(strategies.problems(max_tasks=3), st.integers(0, 2**31 - 1))
+def test_sign_masks_agree_with_the_numpy_oracle(problem, seed):
+  key = jax.random.key(seed)
+  options = {"keep": problem.keep, "scale": problem.scale}
+  masks = ogd.sign_masks(problem.as_dtype(), key, **options)
+  for got, want in zip(
+    jax.tree.leaves(masks), graddrop_oracle.masks(problem.leaves(), key, **options)
+  ):
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.25])
+def test_many_tasks_loop_gives_the_unrolled_result(monkeypatch, leak):
+  # Beyond 32 tasks the sums are added a block at a time in a loop; the
+  # order of the additions, hence every bit of the output, is unchanged.
+  task_grads = jax.random.normal(jax.random.key(0), (70, 333))
+  key = jax.random.key(1)
+
+  def run(g, k):
+    return ogd.graddrop(g, k, leak=leak, return_stats=True)
+
+  looped = jax.jit(run)(task_grads, key)
+  monkeypatch.setattr(_core, "_BLOCK", 1000)
+  unrolled = jax.jit(run)(task_grads, key)
+  chex.assert_trees_all_equal(looped, unrolled)
+  expected = graddrop_oracle.graddrop([np.asarray(task_grads)], key, leak=leak)
+  np.testing.assert_allclose(looped[0], expected[0], rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ None of these reaches XLA: all are raised at trace time, eagerly or under jit.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_graddrop as ogd
@@ -151,3 +152,43 @@ def test_keep_values_outside_unit_interval_act_as_0_or_1(value, expected):
   task_grads = jnp.broadcast_to(jnp.array([3.0, -2.0])[:, None], (2, 1000))
   out = ogd.graddrop(task_grads, KEY, keep=lambda p: jnp.full_like(p, value))
   assert jnp.all(out == expected)
+
+
+PARAMS = {"w": jnp.zeros((3, 4)), "b": jnp.zeros((4,))}
+
+
+@pytest.mark.parametrize(
+  ("updates", "match"),
+  [
+    (
+      {"w": jnp.ones((3, 4)), "b": jnp.ones((4,))},
+      r"`updates\['b'\]` has shape \(4,\); expected \[T, \*param.shape\] = \(T, 4\).*plain gradient",
+    ),
+    (
+      {"w": jnp.ones((3, 2, 4)), "b": jnp.ones((2, 4))},
+      r"`updates\['w'\]` has shape \(3, 2, 4\); expected \[T, \*param.shape\] = \(T, 3, 4\)",
+    ),
+    (
+      {"w": jnp.ones((2, 3, 5)), "b": jnp.ones((2, 4))},
+      r"`updates\['w'\]` has shape \(2, 3, 5\).*parameter's shape \(3, 4\)",
+    ),
+    ({"w": jnp.ones((2, 3, 4))}, "must have the structure of the parameters"),
+  ],
+)
+@pytest.mark.parametrize(
+  "transform", [lambda: ogd.graddrop_transform(0), ogd.sum_transform, ogd.mgda_transform]
+)
+def test_transforms_check_updates_against_params(updates, match, transform):
+  tx = transform()
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match=match):
+    tx.update(updates, state, PARAMS)
+  with pytest.raises(ValueError, match=match):
+    jax.jit(tx.update)(updates, state, PARAMS)
+
+
+def test_adam_after_graddrop_sees_the_error_not_a_broadcast():
+  tx = optax.chain(ogd.graddrop_transform(0), optax.adam(1e-3))
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match="plain gradient"):
+    tx.update(jax.tree.map(jnp.ones_like, PARAMS), state, PARAMS)

@@ -3,9 +3,14 @@
 import math
 
 import chex
+import graddrop_oracle
 import jax
 import jax.numpy as jnp
 import pytest
+import strategies
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import optax_graddrop as ogd
 
@@ -239,3 +244,19 @@ def test_jitted_fork_step_compiles_once_over_keys_and_data():
     key, step_key = jax.random.split(key)
     params = jitted(params, x + 0.01 * i, y, step_key)
   assert traces == 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(strategies.problems(), st.integers(0, 2**31 - 1), st.booleans())
+def test_backward_without_marginalisation_agrees_with_the_numpy_oracle(problem, seed, jit):
+  key = jax.random.key(seed)
+  stacked = problem.as_dtype()
+  features = jax.tree.map(lambda g: jnp.ones(g.shape[1:], g.dtype), stacked)
+  cotangents = [jax.tree.map(lambda g, i=i: g[i], stacked) for i in range(problem.num_tasks)]
+
+  def run(features, cotangents, key):
+    return ogd.graddrop_activation(features, cotangents, key, marginalize=None, **problem.options())
+
+  out = (jax.jit(run) if jit else run)(features, cotangents, key)
+  expected = graddrop_oracle.graddrop(problem.leaves(), key, **problem.options())
+  strategies.assert_matches_oracle(jax.tree.leaves(out), expected, problem)

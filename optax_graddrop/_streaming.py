@@ -1,0 +1,159 @@
+"""Parameter-level GradDrop without the ``[T, ...]`` stack: streaming over tasks.
+
+Eqs. 1-3 need only per-element sums over tasks (DESIGN.md 2b), so the
+per-task gradients can be added to running sums as the backward passes
+produce them, ``chunk_size`` tasks at a time, and GradDrop finished from the
+sums: ``O(params)`` memory whatever the number of tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_graddrop import _core
+from optax_graddrop import _per_task
+from optax_graddrop import _random
+from optax_graddrop import _validation
+
+
+def graddrop_value_and_grad(
+  fun: Callable[..., Any],
+  key: jax.Array,
+  argnums: int | Sequence[int] = 0,
+  *,
+  has_aux: bool = False,
+  chunk_size: int | None = None,
+  leak: Any = 0.0,
+  keep: _core.Keep = "linear",
+  scale: float = 1.0,
+  eps: float = 0.0,
+  preserve_norm: bool = False,
+  return_stats: bool = False,
+) -> Callable[..., Any]:
+  """Like ``jax.value_and_grad``, with GradDrop combining the task gradients.
+
+  ``fun`` returns a vector of ``T`` task losses. The returned function
+  computes them with one forward pass, runs the per-task backward passes
+  ``chunk_size`` tasks at a time (a ``vmap`` over a chunk, a ``fori_loop``
+  over chunks), adds each task's gradient to per-element running sums (the
+  sums of its positive and negative entries, DESIGN.md section 2b), and
+  finishes GradDrop (paper eqs. 1-3) from the sums::
+
+    P   = 1/2 (1 + sum_i g_i / sum_i |g_i|)
+    M_i = [f(P) > U] [g_i > 0] + [f(P) <= U] [g_i < 0]
+    out = sum_i (l_i + (1 - l_i) M_i) g_i
+
+  It never builds the ``[T, ...]`` stack of :func:`per_task_value_and_grad`:
+  with ``chunk_size=1`` its memory is that of one backward pass plus two to
+  six parameter-sized sums, whatever ``T``. With the same key and options,
+  the result equals ``graddrop`` of the stacked per-task gradients
+  (statistics included): exactly when the per-task gradients are, within
+  float rounding otherwise, for every ``chunk_size``.
+
+  Call it inside the training step with that step's key, as you would
+  ``jax.value_and_grad``.
+
+  Args:
+    fun: function whose output is a 1-D float vector of the ``T`` task losses
+      (or ``(losses, aux)`` with ``has_aux``).
+    key: a PRNG key for this call; use a fresh one every step.
+    argnums: which positional argument(s) to differentiate.
+    has_aux: whether ``fun`` returns ``(losses, aux)``.
+    chunk_size: tasks per backward pass; ``None`` for all at once (one
+      batched pass, ``T`` copies of the backward intermediates).
+    leak: as for :func:`graddrop`.
+    keep: as for :func:`graddrop`.
+    scale: as for :func:`graddrop`.
+    eps: as for :func:`graddrop`.
+    preserve_norm: as for :func:`graddrop`.
+    return_stats: also return :class:`GradDropStats`.
+
+  Returns:
+    A function with ``fun``'s signature returning ``(losses, grads)``,
+    ``((losses, aux), grads)`` with ``has_aux``, and ``stats`` appended with
+    ``return_stats``. ``grads`` is shaped like the differentiated argument(s)
+    (a tuple of them when ``argnums`` is a sequence).
+
+  Raises:
+    ValueError, TypeError: for options that do not fit the above, or a
+      ``fun`` that does not return a 1-D float vector.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_graddrop as ogd
+    >>> def task_losses(w):
+    ...   return jnp.stack([jnp.sum((w - 1.0) ** 2), jnp.sum((w + 1.0) ** 2)])
+    >>> step = ogd.graddrop_value_and_grad(task_losses, jax.random.key(0), chunk_size=1)
+    >>> losses, grads = step(jnp.array([2.0, 0.0]))
+    >>> grads  # entry 0: both tasks agree, their sum; entry 1: one sign (-2 or 2) kept
+    Array([ 8., -2.], dtype=float32)
+
+  References:
+    Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with
+    Gradient Sign Dropout <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
+  """
+  key = _validation.check_key(key)
+  _per_task.check_chunk_size(chunk_size)
+  _validation.check_eps(eps)
+  fn = _core.keep_fn(keep, scale)
+
+  def value_and_graddrop(*args: Any, **kwargs: Any) -> Any:
+    losses, grad_of, aux = _per_task.task_vjp(fun, argnums, has_aux, args, kwargs)
+    num_tasks = losses.shape[0]
+    leak_per_task = _validation.check_leak(leak, num_tasks)
+    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    leaves, treedef = jax.tree_util.tree_flatten(primal)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    work_shapes = [_random.bits_shape(math.prod(shape)) for shape in shapes]
+    count_dtype = _core._count_dtype(num_tasks) if return_stats else None
+    init = [
+      _core._zero_sums(
+        work_shape,
+        work_shape,
+        _core._compute_dtype(dtype),
+        per_task_leak=leak_per_task is not None,
+        separate_signals=False,
+        count_dtype=count_dtype,
+      )
+      for work_shape, dtype in zip(work_shapes, dtypes)
+    ]
+
+    def task_rows(start: Any, size: int) -> list[jax.Array]:
+      cotangents = _per_task.task_cotangents(num_tasks, start, size, losses.dtype)
+      if size == 1:
+        grads = jax.tree.map(lambda g: g[None], grad_of(cotangents[0]))
+      else:
+        grads = jax.vmap(grad_of)(cotangents)
+      return [
+        _core._row_major(g).reshape(size, *work_shape).astype(_core._compute_dtype(g.dtype))
+        for g, work_shape in zip(jax.tree_util.tree_leaves(grads), work_shapes)
+      ]
+
+    chunk = num_tasks if chunk_size is None else min(chunk_size, num_tasks)
+    sums = _core._sums_in_chunks(init, num_tasks, chunk, task_rows, leak_per_task)
+    result = _core._finish_tree(
+      sums,
+      key,
+      treedef,
+      shapes,
+      dtypes,
+      num_tasks,
+      fn,
+      eps,
+      preserve_norm=preserve_norm,
+      return_stats=return_stats,
+    )
+    value = (losses, aux) if has_aux else losses
+    if return_stats:
+      grads, stats = result
+      return value, grads, stats
+    return value, result
+
+  return value_and_graddrop

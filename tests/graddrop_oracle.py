@@ -1,0 +1,95 @@
+"""GradDrop in plain NumPy, eqs. 1-3 of the paper as written: the tests' oracle.
+
+Chen et al., NeurIPS 2020, https://arxiv.org/abs/2010.06808, with the
+library's documented conventions: where the task gradients of a scalar do
+not have both signs (or one is not finite) every mask is 1, and a zero
+entry is kept. It draws no randomness of its own: the uniforms are the
+library's, from ``optax_graddrop._random.uniform_bits`` of the leaf's key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from optax_graddrop import _random
+
+KEEP_FUNCTIONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+  "linear": lambda purity, scale: 0.5 + scale * (purity - 0.5),
+  "sigmoid": lambda purity, scale: 1.0 / (1.0 + np.exp(-4.0 * scale * (purity - 0.5))),
+  "random": lambda purity, scale: np.full_like(purity, 0.5),
+}
+
+
+def uniforms(key: jax.Array, leaf_index: int, shape: Sequence[int]) -> np.ndarray:
+  """``U`` of one leaf: the library's 16-bit uniforms for ``fold_in(key, index)``."""
+  bits = _random.uniform_bits(jax.random.fold_in(key, leaf_index), tuple(shape))
+  return np.asarray(bits, np.float64) / 2**16
+
+
+def masks_leaf(
+  task_grad: np.ndarray, u: np.ndarray, keep: Callable[[np.ndarray], np.ndarray], eps: float = 0.0
+) -> np.ndarray:
+  """Eqs. 1-2 for one leaf ``[T, ...]``: the masks ``M_i``, in float64."""
+  g = np.asarray(task_grad, np.float64)
+  total, magnitude = g.sum(0), np.abs(g).sum(0)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    ratio = np.where(magnitude + eps > 0, total / (magnitude + eps), 0.0)
+  purity = 0.5 * (1.0 + ratio)  # eq. 1
+  keep_positive = keep(purity) > u  # [f(P) > U]
+  conflict = (g > 0).any(0) & (g < 0).any(0) & np.isfinite(g).all(0)
+  return np.where(conflict, np.where(keep_positive, g >= 0, g <= 0), True)  # eq. 2
+
+
+def _keep_function(keep: str | Callable[[np.ndarray], np.ndarray], scale: float):
+  return keep if callable(keep) else (lambda purity: KEEP_FUNCTIONS[keep](purity, scale))
+
+
+def masks(
+  leaves: Sequence[np.ndarray],
+  key: jax.Array,
+  keep: str | Callable[[np.ndarray], np.ndarray] = "linear",
+  scale: float = 1.0,
+  eps: float = 0.0,
+) -> list[np.ndarray]:
+  """The masks of every leaf ``[T, ...]``, leaf ``k`` drawing from ``fold_in(key, k)``."""
+  fn = _keep_function(keep, scale)
+  return [
+    masks_leaf(leaf, uniforms(key, index, leaf.shape[1:]), fn, eps)
+    for index, leaf in enumerate(leaves)
+  ]
+
+
+def graddrop(
+  leaves: Sequence[np.ndarray],
+  key: jax.Array,
+  keep: str | Callable[[np.ndarray], np.ndarray] = "linear",
+  scale: float = 1.0,
+  leak: float | Sequence[float] = 0.0,
+  eps: float = 0.0,
+) -> list[np.ndarray]:
+  """Eq. 3 for every leaf ``[T, ...]``: ``sum_i (l_i + (1 - l_i) M_i) g_i``."""
+  num_tasks = leaves[0].shape[0]
+  leak = np.broadcast_to(np.asarray(leak, np.float64), (num_tasks,))
+  outputs = []
+  for leaf, leaf_masks in zip(leaves, masks(leaves, key, keep, scale, eps)):
+    g = np.asarray(leaf, np.float64)
+    rate = leak.reshape((-1,) + (1,) * (g.ndim - 1))
+    outputs.append(((rate + (1.0 - rate) * leaf_masks) * g).sum(0))
+  return outputs
+
+
+def stats(leaves: Sequence[np.ndarray], key: jax.Array, **options) -> tuple[float, float]:
+  """``(conflict_fraction, kept_fraction)``: the diagnostics, from the masks."""
+  leaf_masks = masks(leaves, key, **options)
+  conflicts = sum(
+    int(((g > 0).any(0) & (g < 0).any(0) & np.isfinite(g).all(0)).sum()) for g in leaves
+  )
+  num_scalars = sum(math.prod(g.shape[1:]) for g in leaves)
+  num_entries = sum(g.size for g in leaves)
+  kept = sum(int(m.sum()) for m in leaf_masks)
+  return conflicts / max(num_scalars, 1), kept / max(num_entries, 1)
