@@ -349,3 +349,92 @@ def test_many_tasks_loop_gives_the_unrolled_result(monkeypatch, leak):
   chex.assert_trees_all_equal(looped, unrolled)
   expected = graddrop_oracle.graddrop([np.asarray(task_grads)], key, leak=leak)
   np.testing.assert_allclose(looped[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+# --- Scale invariance: the same decisions whatever the gradients' scale ----------
+
+_NORMAL_RANGE = {  # (smallest normal, largest finite) of each dtype
+  jnp.float16: (2.0**-14, 65504.0),
+  jnp.bfloat16: (2.0**-126, 3.3e38),
+  jnp.float32: (2.0**-126, 3.4e38),
+  jnp.float64: (2.0**-1022, 1.7e308),
+}
+
+
+def _scales(draw, values, outputs, dtype, squares=False):
+  """A power of two keeping every input and output normal in ``dtype``."""
+  tiny, huge = _NORMAL_RANGE[dtype]
+  nonzero = np.abs(np.concatenate([v.ravel() for v in values + outputs]))
+  nonzero = nonzero[nonzero > 0]
+  if not nonzero.size:  # all zero: any scale
+    return draw(st.integers(-10, 10))
+  largest = max(float(np.abs(v).sum(0).max()) for v in values)  # bounds every sum
+  low, high = math.log2(tiny / nonzero.min()), math.log2(huge / largest) - 1
+  if squares:  # the norms of preserve_norm square the values (in float32 or wider)
+    low = max(low, (math.log2(_NORMAL_RANGE[jnp.float32][0]) - 2 * math.log2(nonzero.min())) / 2)
+    high = min(
+      high, (math.log2(_NORMAL_RANGE[jnp.float32][1] / values[0].size) / 2) - math.log2(largest)
+    )
+  return draw(st.integers(math.ceil(low), math.floor(high)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(strategies.problems(), st.integers(0, 2**31 - 1), st.booleans(), st.data())
+def test_scaling_by_a_power_of_two_scales_the_output_exactly(problem, seed, preserve_norm, data):
+  key = jax.random.key(seed)
+  options = problem.options() | {"preserve_norm": preserve_norm}
+  task_grads = problem.as_dtype()
+  out, stats = ogd.graddrop(task_grads, key, return_stats=True, **options)
+  k = _scales(
+    data.draw,
+    problem.leaves(),
+    [np.asarray(o, np.float64) for o in jax.tree.leaves(out)],
+    problem.dtype,
+    squares=preserve_norm,
+  )
+  scaled = jax.tree.map(lambda g: g * jnp.asarray(2.0**k, g.dtype), task_grads)
+  scaled_out, scaled_stats = ogd.graddrop(scaled, key, return_stats=True, **options)
+  expected = jax.tree.map(lambda o: o * jnp.asarray(2.0**k, o.dtype), out)
+  chex.assert_trees_all_equal(scaled_out, expected)
+  chex.assert_trees_all_equal(scaled_stats, stats)
+  masks_options = {"keep": problem.keep, "scale": problem.scale}
+  chex.assert_trees_all_equal(
+    ogd.sign_masks(scaled, key, **masks_options), ogd.sign_masks(task_grads, key, **masks_options)
+  )
+  chex.assert_trees_all_equal(
+    jax.tree.map(ogd.sign_purity, scaled), jax.tree.map(ogd.sign_purity, task_grads)
+  )
+
+
+@pytest.mark.parametrize("k", [-1000, -300, -40, 0, 40, 300, 1000])
+def test_float64_scales_exactly_over_its_range(k):
+  with jax.enable_x64(True):
+    task_grads = jax.random.normal(jax.random.key(0), (4, 2000), jnp.float64)
+    key = jax.random.key(1)
+    out = ogd.graddrop(task_grads, key, leak=[0.0, 0.5, 0.25, 1.0], keep="sigmoid")
+    scaled = ogd.graddrop(task_grads * 2.0**k, key, leak=[0.0, 0.5, 0.25, 1.0], keep="sigmoid")
+    np.testing.assert_array_equal(scaled, out * 2.0**k)
+    assert scaled.dtype == jnp.float64
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1e-6, 1e-8, 1e-10])
+def test_masks_do_not_change_with_the_scale_and_lingvo_eps_does(scale):
+  # The issue's measurement: a [3, 100000] standard-normal stack, same key.
+  task_grads = jax.random.normal(jax.random.key(0), (3, 100_000))
+  key = jax.random.key(1)
+  masks = ogd.sign_masks(task_grads, key)
+  np.testing.assert_array_equal(ogd.sign_masks(task_grads * scale, key), masks)
+  # lingvo's absolute epsilon, kept as an option, pulls P towards 1/2 for
+  # small gradients, and so changes the masks.
+  changed = jnp.mean(ogd.sign_masks(task_grads * scale, key, eps=1e-7) != masks)
+  if scale <= 1e-8:
+    assert changed > 0.05
+
+
+def test_all_zero_entries_have_purity_one_half_and_stay_zero():
+  task_grads = jnp.zeros((3, 5)).at[:, 0].set(jnp.array([1.0, -1.0, 2.0]))
+  purity = ogd.sign_purity(task_grads)
+  np.testing.assert_array_equal(purity[1:], 0.5)
+  out = ogd.graddrop(task_grads, jax.random.key(0), leak=0.5, preserve_norm=True)
+  np.testing.assert_array_equal(out[1:], 0.0)
+  np.testing.assert_array_equal(ogd.sign_purity(jnp.zeros((2, 3)), eps=1e-7), 0.5)

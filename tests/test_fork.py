@@ -6,6 +6,7 @@ import chex
 import graddrop_oracle
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import strategies
 from hypothesis import given
@@ -260,3 +261,46 @@ def test_backward_without_marginalisation_agrees_with_the_numpy_oracle(problem, 
   out = (jax.jit(run) if jit else run)(features, cotangents, key)
   expected = graddrop_oracle.graddrop(problem.leaves(), key, **problem.options())
   strategies.assert_matches_oracle(jax.tree.leaves(out), expected, problem)
+
+
+@pytest.mark.parametrize("marginalize", ["sign", "value", None])
+@pytest.mark.parametrize(
+  ("dtype", "k"),
+  [(jnp.float32, -40), (jnp.float32, 30), (jnp.bfloat16, -40), (jnp.float16, -3), (jnp.float16, 2)],
+)
+def test_scaling_the_cotangents_scales_the_result_exactly(marginalize, dtype, k):
+  # Magnitudes in [1/2, 2] and a scale that keeps every value (and, for
+  # float16, every sum) a normal number of the dtype.
+  keys = jax.random.split(jax.random.key(0), 8)
+
+  def draw(key_pair):
+    magnitude = jax.random.uniform(key_pair[0], (16, 8), minval=0.5, maxval=2.0)
+    return (magnitude * jnp.where(jax.random.bernoulli(key_pair[1], shape=(16, 8)), 1, -1)).astype(
+      dtype
+    )
+
+  features = draw(keys[:2])
+  cotangents = [draw(keys[i : i + 2]) for i in (2, 4, 6)]
+  options = {"marginalize": marginalize, "leak": [0.0, 0.5, 0.25], "preserve_norm": True}
+  out = ogd.graddrop_activation(features, cotangents, keys[0], **options)
+  scale = jnp.asarray(2.0**k, dtype)
+  scaled = ogd.graddrop_activation(features, [c * scale for c in cotangents], keys[0], **options)
+  np.testing.assert_array_equal(scaled, out * scale)
+
+
+def test_layers_are_scale_invariant():
+  from flax import nnx
+
+  layer = ogd.nnx.GradDrop(3, rngs=nnx.Rngs(graddrop=0))
+  features = jax.random.normal(jax.random.key(1), (8, 4))
+  weights = jax.random.normal(jax.random.key(2), (3, 8, 4))
+
+  def loss(features, layer, scale):
+    branches = layer(features)
+    return scale * sum(jnp.sum(w * b) for w, b in zip(weights, branches))
+
+  grads = []
+  for scale in (1.0, 2.0**-20):
+    # The same key for both calls: a fresh copy of the layer's rng stream.
+    grads.append(nnx.grad(loss)(features, nnx.clone(layer), scale))
+  np.testing.assert_array_equal(grads[1], grads[0] * 2.0**-20)

@@ -208,3 +208,17 @@ def test_rejects_bad_losses_and_leak():
     ogd.graddrop_value_and_grad(jnp.sum, jax.random.key(0))(jnp.ones(3))
   with pytest.raises(ValueError, match=r"`leak` must be a scalar or have shape \(3,\)"):
     ogd.graddrop_value_and_grad(lambda w: w**2, jax.random.key(0), leak=[0.5, 0.5])(jnp.ones(3))
+
+
+@pytest.mark.parametrize("k", [-30, -8, 10])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_scaling_the_losses_scales_the_result_exactly(k, chunk_size):
+  params, x, y, task_losses = _model()
+  key = jax.random.key(5)
+  options = {"chunk_size": chunk_size, "leak": np.linspace(0, 1, T), "return_stats": True}
+  _, grads, stats = ogd.graddrop_value_and_grad(task_losses, key, **options)(params, x, y)
+  _, scaled, scaled_stats = ogd.graddrop_value_and_grad(
+    lambda *args: task_losses(*args) * 2.0**k, key, **options
+  )(params, x, y)
+  chex.assert_trees_all_equal(scaled, jax.tree.map(lambda g: g * 2.0**k, grads))
+  chex.assert_trees_all_equal(scaled_stats, stats)
