@@ -262,7 +262,7 @@ def test_float16_with_loss_scaling_makes_the_float32_decisions(eps):
     masks16 = ogd.sign_masks(grads16, key, eps=eps)
     agreement.append(np.mean(_flat(masks32) == _flat(masks16)))
     update32 = ogd.graddrop(grads32, key, eps=eps)
-    update16 = jax.tree.map(lambda g: g / loss_scale, ogd.graddrop(grads16, key, eps=eps))
+    update16 = jax.tree.map(lambda g, s=loss_scale: g / s, ogd.graddrop(grads16, key, eps=eps))
     if eps == 0.0:
       # Where the decisions agree, the unscaled update is the float32 one up
       # to float16's rounding in the backward pass: 2**-8 of the largest
