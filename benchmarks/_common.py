@@ -6,6 +6,7 @@ import argparse
 import os
 import pathlib
 import platform
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,11 +16,23 @@ import numpy as np
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+  """The CPU's model name, as ``lscpu`` prints it (from ``/proc/cpuinfo``)."""
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
-  """One line naming the machine and the JAX backend the numbers come from."""
+  """One line naming the machine, its CPU and the JAX backend the numbers come from."""
   device = jax.devices()[0]
   return (
-    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, "
+    f"{platform.machine()} {platform.system()}, {cpu_model()}, {os.cpu_count()} CPUs, "
     f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
   )
 
@@ -37,14 +50,34 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   return "\n".join(lines)
 
 
+def write_text(out_dir: pathlib.Path | str, name: str, text: str) -> str:
+  """Writes ``<name>.md`` under ``out_dir``, headed by the command that made it."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.md"
+  command = " ".join(
+    ["python", *(pathlib.Path(a).name if a.endswith(".py") else a for a in sys.argv)]
+  )
+  path.write_text(f"Command: `{command}`\n\n{text}\n")
+  return str(path)
+
+
+def save_figure(figure: Any, out_dir: pathlib.Path | str, name: str) -> str:
+  """Saves ``<name>.png`` under ``out_dir``."""
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  path = out / f"{name}.png"
+  figure.savefig(path, dpi=110, bbox_inches="tight")
+  return str(path)
+
+
 def write_results(out_dir: pathlib.Path | str, name: str, text: str, figure: Any) -> list[str]:
   """Writes ``<name>.md`` and ``<name>.png`` under ``out_dir``; returns the paths."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  md, png = out / f"{name}.md", out / f"{name}.png"
+  md = out / f"{name}.md"
   md.write_text(text + "\n")
-  figure.savefig(png, dpi=110, bbox_inches="tight")
-  return [str(md), str(png)]
+  return [str(md), save_figure(figure, out, name)]
 
 
 def argument_parser(doc: str, steps: int) -> argparse.ArgumentParser:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 from typing import NamedTuple
 
+import graddrop_oracle
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
@@ -94,3 +96,14 @@ def assert_matches_oracle(outputs: list[Any], expected: list[np.ndarray], proble
     else:
       bound = tolerance(problem) * np.abs(leaf).sum(0)
       assert np.all(np.abs(out - want) <= bound), np.max(np.abs(out - want) - bound)
+
+
+def assert_graddrop_matches_oracle(out: Any, problem: Problem, key: jax.Array, stats: Any = None):
+  """A GradDrop result (and its diagnostics) equals the oracle's for ``problem``."""
+  expected = graddrop_oracle.graddrop(problem.leaves(), key, **problem.options())
+  assert_matches_oracle(jax.tree.leaves(out), expected, problem)
+  if stats is not None:
+    options = {"keep": problem.keep, "scale": problem.scale}
+    conflict_fraction, kept_fraction = graddrop_oracle.stats(problem.leaves(), key, **options)
+    np.testing.assert_allclose(stats.conflict_fraction, conflict_fraction, rtol=1e-6)
+    np.testing.assert_allclose(stats.kept_fraction, kept_fraction, rtol=1e-6)

@@ -31,16 +31,20 @@ def test_demo_prints_a_table_of_per_task_losses(capsys):
     assert np.all(np.isfinite(results[method]))
 
 
-def test_speed_benchmark_quick_prints_ratios(capsys):
-  table = _load("benchmarks/speed.py").main(["--quick", "--tasks", "2", "3"])
+def test_speed_benchmark_quick_prints_ratios(capsys, tmp_path):
+  text = _load("benchmarks/speed.py").main(["--quick", "--tasks", "2", "3", "--out", str(tmp_path)])
   out = capsys.readouterr().out
-  assert "Machine:" in out
-  assert table in out
-  for method in ("plain sum (floor)", "graddrop", "graddrop_transform.update"):
-    assert f"| {method} |" in table
-  rows = [line for line in table.splitlines() if "| graddrop |" in line]
+  assert text in out and "Machine:" in text
+  for section in ("Aggregation", "Many tasks", "Training steps", "Parameter level", "Scaling"):
+    assert f"## {section}" in text
+  for method in ("plain sum (floor)", "graddrop", "graddrop_transform.update (defaults: stats on)"):
+    assert f"| {method} |" in text
+  rows = [line for line in text.splitlines() if "| graddrop |" in line]
   assert len(rows) == 2
   assert all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
+  for method in ("stacked step", "streaming step, chunk_size=1", "stacked step / sum of its parts"):
+    assert sum(f"| {method} |" in line for line in text.splitlines()) == 2  # T = 2 and 4
+  assert (tmp_path / "param_level.png").stat().st_size > 10_000
 
 
 def test_toy_benchmark_quick_writes_tables_and_figure(tmp_path, capsys):
