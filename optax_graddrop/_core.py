@@ -238,7 +238,7 @@ def _sums_in_chunks(
   init: list[_TaskSums],
   num_tasks: int,
   chunk_size: int,
-  task_rows: Callable[[Any, int], list[jax.Array]],
+  task_rows: Callable[[Any, int], list[Any]],
   leak: jax.Array | None,
 ) -> list[_TaskSums]:
   """The sums over all tasks, one per leaf, ``chunk_size`` tasks at a time.
@@ -247,8 +247,9 @@ def _sums_in_chunks(
     init: the zero sums, one per leaf.
     num_tasks: ``T``.
     chunk_size: tasks per chunk, ``>= 1``.
-    task_rows: ``(start, size) -> [rows of each leaf]``, each ``[size, ...]``
-      in the sums' dtype, for tasks ``start..start+size-1``.
+    task_rows: ``(start, size) -> [rows of each leaf]``: for each leaf, the
+      gradients of tasks ``start..start+size-1`` in the sums' dtype (a
+      sequence, or an array with a leading axis of ``size``).
     leak: the per-task leaks ``(T,)``, or ``None``.
 
   Returns:
@@ -265,6 +266,18 @@ def _sums_in_chunks(
   return _over_chunks(init, num_tasks, chunk_size, add_chunk)
 
 
+def _task_slices(rows: jax.Array, start: Any, size: int, dtype: Any) -> list[jax.Array]:
+  """Task slices ``start..start+size-1`` of a stacked array, in ``dtype``.
+
+  Each slice is indexed on its own: XLA:CPU fuses such a slice into the loop
+  that reads it, where it copied a slice of several tasks first.
+  """
+  return [
+    jax.lax.dynamic_index_in_dim(rows, start + task, keepdims=False).astype(dtype)
+    for task in range(size)
+  ]
+
+
 def _task_sum(task_grad: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """``sum_i w_i g_i`` (``w = 1`` by default) over the leading task axis.
 
@@ -279,7 +292,7 @@ def _task_sum(task_grad: jax.Array, weights: jax.Array | None = None) -> jax.Arr
 
   def add_chunk(total: jax.Array, start: Any, size: int, in_loop: bool) -> jax.Array:
     del in_loop
-    chunk = jax.lax.dynamic_slice_in_dim(rows, start, size).astype(dtype)
+    chunk = _task_slices(rows, start, size, dtype)
     chunk_weights = None if weights is None else jax.lax.dynamic_slice_in_dim(weights, start, size)
     for task in range(size):
       term = chunk[task] if chunk_weights is None else chunk_weights[task] * chunk[task]
@@ -365,8 +378,10 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
     >>> keep_fn("linear", scale=0.5)(jnp.array([0.0, 0.5, 1.0]))
     Array([0.25, 0.5 , 0.75], dtype=float32)
   """
+  concrete_scale = _validation.check_scalar(scale, "scale")
   if callable(keep) or keep == "random":
-    if scale != 1.0:
+    # A traced scale (a hyperparameter) cannot be checked; it is unused here.
+    if concrete_scale is not None and concrete_scale != 1.0:
       raise ValueError(
         f"`scale` only applies to keep='linear' or 'sigmoid'; got scale={scale} "
         f"with keep={keep!r}. Fold the scale into your keep function."
@@ -570,10 +585,8 @@ def _stacked_sums(
     for r, dtype in zip(rows, dtypes)
   ]
 
-  def task_rows(start: Any, size: int) -> list[jax.Array]:
-    return [
-      jax.lax.dynamic_slice_in_dim(r, start, size).astype(dtype) for r, dtype in zip(rows, dtypes)
-    ]
+  def task_rows(start: Any, size: int) -> list[list[jax.Array]]:
+    return [_task_slices(r, start, size, dtype) for r, dtype in zip(rows, dtypes)]
 
   return _sums_in_chunks(init, num_tasks, _BLOCK, task_rows, leak)
 

@@ -19,8 +19,10 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
 
   Args:
     key: a typed key (``jax.random.key``), a legacy raw ``uint32`` key
-      (``jax.random.PRNGKey``), or, when ``allow_seed``, an integer seed.
-    allow_seed: whether a Python or NumPy integer is accepted as a seed.
+      (``jax.random.PRNGKey``), or, when ``allow_seed``, an integer seed: a
+      Python or NumPy integer, or an integer array of shape ``()`` (as
+      ``optax.inject_hyperparams`` passes it, possibly traced).
+    allow_seed: whether an integer seed is accepted.
     name: the argument's name, for error messages.
 
   Returns:
@@ -37,6 +39,8 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   if not isinstance(key, (jax.Array, np.ndarray)):
     raise TypeError(f"`{name}` must be {expected}; got {type(key).__name__}.")
   key = jnp.asarray(key)
+  if allow_seed and key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+    return jax.random.key(key)
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     if key.shape != ():
       raise TypeError(
@@ -60,9 +64,33 @@ def check_num_tasks(num_tasks: Any) -> int:
   return num_tasks
 
 
+def _concrete(value: Any) -> Any:
+  """``value`` as a NumPy value, or ``None`` when it is traced."""
+  return None if isinstance(value, jax.core.Tracer) else np.asarray(value)
+
+
+def check_scalar(value: Any, name: str) -> Any:
+  """Checks that an option is a real scalar; returns its concrete value or ``None``.
+
+  Raises:
+    TypeError: if it is not a real number (or a real array of shape ``()``).
+  """
+  if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+    raise TypeError(f"`{name}` must be a real number; got {type(value).__name__}.")
+  shape, dtype = np.shape(value), jnp.result_type(value)  # type: ignore[arg-type]
+  if shape != () or not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"`{name}` must be a real scalar; got shape {shape} and dtype {dtype}.")
+  return _concrete(value)
+
+
 def check_eps(eps: Any) -> None:
-  """Checks the purity's ``eps``, which must keep the denominator positive."""
-  if eps < 0:
+  """Checks the purity's ``eps``, which must keep the denominator positive.
+
+  A traced ``eps`` (e.g. from ``optax.inject_hyperparams``) is checked for
+  shape only.
+  """
+  value = check_scalar(eps, "eps")
+  if value is not None and not value >= 0:
     raise ValueError(f"`eps` must be >= 0; got {eps}.")
 
 
