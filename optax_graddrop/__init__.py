@@ -7,6 +7,8 @@ Gradient Sign Dropout", NeurIPS 2020, https://arxiv.org/abs/2010.06808.
 from optax_graddrop import linen
 from optax_graddrop import nnx
 from optax_graddrop import problems
+from optax_graddrop._accumulation import MultiStepsState
+from optax_graddrop._accumulation import multi_steps
 from optax_graddrop._baselines import mean_tasks
 from optax_graddrop._baselines import mean_transform
 from optax_graddrop._baselines import mgda
@@ -46,6 +48,7 @@ __all__ = [
   "GradNormState",
   "Keep",
   "KeepFn",
+  "MultiStepsState",
   "aggregator_transform",
   "fork",
   "graddrop",
@@ -60,6 +63,7 @@ __all__ = [
   "mgda",
   "mgda_transform",
   "mgda_weights",
+  "multi_steps",
   "nnx",
   "pcgrad",
   "pcgrad_transform",

@@ -54,6 +54,19 @@ def _weighted_sum(task_grads: Any, weights: jax.Array | None = None) -> Any:
   return jax.tree.map(lambda g: _core._task_sum(g, weights), task_grads)
 
 
+def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
+  """``sum_i w_i g_i`` on the leaves ``mask`` selects, ``w = weights_of(Gram)``
+  from their inner products; the plain sum on the others."""
+  selected = _validation.mask_leaves(mask, _core._first_task(task_grads))
+  leaves, treedef = jax.tree_util.tree_flatten(task_grads)
+  chosen = [leaf for leaf, keep in zip(leaves, selected) if keep]
+  weights = weights_of(_gram(chosen)) if chosen else None
+  return jax.tree_util.tree_unflatten(
+    treedef,
+    [_core._task_sum(leaf, weights if keep else None) for leaf, keep in zip(leaves, selected)],
+  )
+
+
 def sum_tasks(task_grads: Any) -> Any:
   """The plain sum ``sum_i g_i``: the gradient of the summed loss.
 
@@ -119,7 +132,7 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   return coefficients.sum(0)
 
 
-def pcgrad(task_grads: Any, key: jax.Array) -> Any:
+def pcgrad(task_grads: Any, key: jax.Array, *, mask: Any = None) -> Any:
   """PCGrad (Yu et al., 2020): project away conflicting components, then sum.
 
   For each task ``i``, in a random order of the other tasks ``j`` (drawn from
@@ -131,6 +144,8 @@ def pcgrad(task_grads: Any, key: jax.Array) -> Any:
   Args:
     task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
     key: a PRNG key for the projection orders.
+    mask: as for :func:`graddrop`: PCGrad on the leaves where it is True
+      (inner products over those alone), the plain sum on the others.
 
   Returns:
     The combined gradient, without the task axis.
@@ -147,7 +162,7 @@ def pcgrad(task_grads: Any, key: jax.Array) -> Any:
   """
   _validation.check_task_grads(task_grads)
   key = _validation.check_key(key)
-  return _weighted_sum(task_grads, pcgrad_weights(_gram(task_grads), key))
+  return _combine_masked(task_grads, mask, lambda gram: pcgrad_weights(gram, key))
 
 
 def mgda_weights(gram: jax.Array, num_iterations: int = 100) -> jax.Array:
@@ -200,7 +215,7 @@ def mgda_weights(gram: jax.Array, num_iterations: int = 100) -> jax.Array:
   return jax.lax.fori_loop(0, num_iterations, frank_wolfe_step, best[0])
 
 
-def mgda(task_grads: Any, num_iterations: int = 100) -> Any:
+def mgda(task_grads: Any, num_iterations: int = 100, *, mask: Any = None) -> Any:
   """MGDA (Sener & Koltun, 2018): the minimum-norm convex combination.
 
   Returns ``sum_i w_i g_i`` with ``w`` on the simplex minimising its norm
@@ -212,6 +227,8 @@ def mgda(task_grads: Any, num_iterations: int = 100) -> Any:
   Args:
     task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
     num_iterations: Frank-Wolfe iterations when ``T > 2``.
+    mask: as for :func:`graddrop`: MGDA on the leaves where it is True
+      (inner products over those alone), the plain sum on the others.
 
   Returns:
     The combined gradient, without the task axis.
@@ -227,33 +244,42 @@ def mgda(task_grads: Any, num_iterations: int = 100) -> Any:
     <https://arxiv.org/abs/1810.04650>`_, NeurIPS 2018.
   """
   _validation.check_task_grads(task_grads)
-  return _weighted_sum(task_grads, mgda_weights(_gram(task_grads), num_iterations))
+  return _combine_masked(task_grads, mask, lambda gram: mgda_weights(gram, num_iterations))
 
 
-def pcgrad_transform(key: jax.Array | int) -> aggregating.Aggregator:
+def pcgrad_transform(key: jax.Array | int, *, mask: Any = None) -> aggregating.Aggregator:
   """:func:`pcgrad` as an Optax aggregator (first in ``optax.chain``).
 
   Args:
     key: a PRNG key or int seed for the projection orders.
+    mask: as for :func:`graddrop_transform`.
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator``.
   """
   key = _validation.check_key(key, allow_seed=True)
 
-  return _transform.aggregator_transform(lambda g, step_key: (pcgrad(g, step_key), ()), key)
+  def aggregate(task_grads: Any, step_key: jax.Array, mask: Any = None) -> tuple[Any, tuple]:
+    return pcgrad(task_grads, step_key, mask=mask), ()
+
+  return _transform.aggregator_transform(aggregate, key, mask=mask)
 
 
-def mgda_transform(num_iterations: int = 100) -> aggregating.Aggregator:
+def mgda_transform(num_iterations: int = 100, *, mask: Any = None) -> aggregating.Aggregator:
   """:func:`mgda` as an Optax aggregator (first in ``optax.chain``).
 
   Args:
     num_iterations: Frank-Wolfe iterations when ``T > 2``.
+    mask: as for :func:`graddrop_transform`.
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator``.
   """
-  return _transform.aggregator_transform(lambda g, _: (mgda(g, num_iterations), ()))
+
+  def aggregate(task_grads: Any, _: Any, mask: Any = None) -> tuple[Any, tuple]:
+    return mgda(task_grads, num_iterations, mask=mask), ()
+
+  return _transform.aggregator_transform(aggregate, mask=mask)
 
 
 def sum_transform() -> aggregating.Aggregator:

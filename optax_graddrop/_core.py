@@ -395,7 +395,9 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
     return lambda purity: jax.nn.sigmoid(4.0 * scale * (purity - 0.5))
   raise ValueError(
     f"Unknown `keep`={keep!r}; expected 'linear', 'sigmoid', 'random' or a "
-    "callable mapping purity to a keep probability."
+    "callable mapping purity to a keep probability (with "
+    "optax.inject_hyperparams, name a callable `keep` in `static_args`, or "
+    "optax takes it for a schedule)."
   )
 
 
@@ -614,13 +616,23 @@ def _finish_tree(
   *,
   preserve_norm: bool,
   return_stats: bool,
+  selected: Sequence[bool] | None = None,
 ) -> Any:
-  """Finishes every leaf of a pytree from its sums (shared with streaming)."""
+  """Finishes every leaf of a pytree from its sums (shared with streaming).
+
+  Leaf ``i`` draws from ``fold_in(key, i)``; a leaf not ``selected`` gets the
+  plain sum ``S+ + S-`` (and no diagnostics).
+  """
+  selected = [True] * len(sums) if selected is None else selected
   count_dtype = _count_dtype(num_tasks) if return_stats else None
   outputs, counts = [], []
-  for leaf_sums, leaf_key, shape, dtype in zip(
-    sums, _random.leaf_keys(key, len(sums)), shapes, dtypes
+  for leaf_sums, leaf_key, shape, dtype, chosen in zip(
+    sums, _random.leaf_keys(key, len(sums)), shapes, dtypes, selected
   ):
+    if not chosen:
+      (plain,) = _fusion.materialize([(leaf_sums.positive + leaf_sums.negative).astype(dtype)])
+      outputs.append(plain.reshape(shape))
+      continue
     bits = _random.uniform_bits(leaf_key, leaf_sums.positive.shape)
     combined, leaf_counts = _finish(
       leaf_sums,
@@ -638,8 +650,13 @@ def _finish_tree(
   combined_tree = jax.tree_util.tree_unflatten(treedef, outputs)
   if not return_stats:
     return combined_tree
-  num_scalars = sum(math.prod(shape) for shape in shapes)
+  num_scalars = sum(math.prod(shape) for shape, chosen in zip(shapes, selected) if chosen)
   return combined_tree, _stats(counts, num_scalars, num_tasks)
+
+
+def _first_task(task_grads: Any) -> Any:
+  """The task-0 slice of every leaf: a pytree shaped like the parameters."""
+  return jax.tree.map(lambda g: jnp.asarray(g)[0], task_grads)
 
 
 def graddrop(
@@ -652,6 +669,7 @@ def graddrop(
   eps: float = 0.0,
   preserve_norm: bool = False,
   return_stats: bool = False,
+  mask: Any = None,
 ) -> Any:
   """Combines per-task gradients with Gradient Sign Dropout.
 
@@ -703,6 +721,12 @@ def graddrop(
     preserve_norm: rescale each output leaf to the norm of the plain sum
       ``sum_i g_i`` of that leaf, so GradDrop does not change the step size.
     return_stats: also return :class:`GradDropStats`.
+    mask: where to apply GradDrop, as in ``optax.masked``: a pytree of bools
+      shaped like the parameters (or a prefix of it), or a callable returning
+      one, called on the task-0 slice of ``task_grads``. Leaves where it is
+      False get the plain sum ``sum_i g_i`` and do not count in the
+      diagnostics; the others draw as they would without a mask. ``None``:
+      every leaf.
 
   Returns:
     The combined gradients, a pytree like ``task_grads`` without the task
@@ -728,6 +752,8 @@ def graddrop(
   _validation.check_eps(eps)
   fn = keep_fn(keep, scale)
 
+  selected = _validation.mask_leaves(mask, _first_task(task_grads))
+
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
   leaves = [jnp.asarray(leaf) for leaf in leaves]
   sums = _stacked_sums(leaves, num_tasks, leak_per_task, with_counts=return_stats)
@@ -742,6 +768,7 @@ def graddrop(
     eps,
     preserve_norm=preserve_norm,
     return_stats=return_stats,
+    selected=selected,
   )
 
 

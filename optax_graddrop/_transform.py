@@ -20,7 +20,8 @@ from optax.experimental import aggregating
 from optax_graddrop import _core
 from optax_graddrop import _validation
 
-AggregateFn = Callable[[Any, Any], tuple[Any, Any]]
+# (task_updates, key) -> (updates, stats); also takes `mask=` when the transform has one.
+AggregateFn = Callable[..., tuple[Any, Any]]
 
 
 class AggregatorState(NamedTuple):
@@ -46,6 +47,8 @@ def aggregator_transform(
   aggregate: AggregateFn,
   key: jax.Array | int | None = None,
   initial_stats: Any = (),
+  *,
+  mask: Any = None,
 ) -> aggregating.Aggregator:
   """Makes an Optax aggregator from a function over stacked per-task updates.
 
@@ -65,6 +68,11 @@ def aggregator_transform(
       deterministic ones.
     initial_stats: the ``stats`` of the state before the first update; must
       have the structure of what ``aggregate`` returns.
+    mask: as in ``optax.masked``, a pytree of bools shaped like the
+      parameters (or a prefix of it), or a callable returning one from the
+      parameters (from the updates' task-0 slice when ``update`` gets no
+      ``params``). When given, ``aggregate`` is called with it resolved to a
+      pytree of Python bools as a ``mask`` keyword; ``None``: no mask.
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator`` whose state is an
@@ -101,7 +109,13 @@ def aggregator_transform(
     else:
       next_key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng_key, impl=impl))
       next_key = jax.random.key_data(next_key)
-    updates, stats = aggregate(task_updates, step_key)
+    if mask is None:
+      updates, stats = aggregate(task_updates, step_key)
+    else:
+      like = _core._first_task(task_updates) if params is None else params
+      selected = _validation.mask_leaves(mask, like)
+      mask_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), selected)
+      updates, stats = aggregate(task_updates, step_key, mask=mask_tree)
     new_state = AggregatorState(
       count=optax.safe_increment(state.count), rng_key=next_key, stats=stats
     )
@@ -119,6 +133,7 @@ def graddrop_transform(
   eps: float = 0.0,
   preserve_norm: bool = False,
   track_stats: bool = True,
+  mask: Any = None,
 ) -> aggregating.Aggregator:
   """GradDrop as an Optax aggregator: stacked per-task updates in, one out.
 
@@ -139,9 +154,21 @@ def graddrop_transform(
     eps: as for :func:`graddrop`.
     preserve_norm: as for :func:`graddrop`.
     track_stats: record :class:`GradDropStats` in the state at every update.
-      Counting costs about as much as GradDrop itself (see
-      ``benchmarks/speed.py``); with ``False`` the state's stats stay at their
-      initial values (no conflict, everything kept).
+      The counts come from the same pass over the updates as GradDrop, so
+      they cost little (see ``benchmarks/speed.py``); with ``False`` the
+      state's stats stay at their initial values (no conflict, everything
+      kept).
+    mask: where to apply GradDrop, as in ``optax.masked``: a pytree of bools
+      shaped like the parameters (or a prefix of it), or a callable returning
+      one from the parameters. Leaves where it is False get the plain sum of
+      their task updates (e.g. GradDrop on the shared trunk only).
+
+  Hyperparameters: ``optax.inject_hyperparams(graddrop_transform)(key=0,
+  leak=0.5)`` works without static arguments; ``leak``, ``scale`` and
+  ``eps`` may then be scheduled or changed in ``state.hyperparams`` between
+  steps (they are checked for shape when traced, for range when concrete).
+  A callable ``keep`` or ``mask`` must be named in ``static_args`` (optax
+  takes every callable for a schedule).
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator`` (a
@@ -171,13 +198,14 @@ def graddrop_transform(
   # Fail at construction, not at the first update inside jit.
   key = _validation.check_key(key, allow_seed=True)
   _core.keep_fn(keep, scale)
+  _validation.check_eps(eps)
   initial_stats = _core.GradDropStats(
     conflict_fraction=jnp.zeros([], jnp.float32), kept_fraction=jnp.ones([], jnp.float32)
   )
 
-  def aggregate(task_updates: Any, key: Any) -> tuple[Any, _core.GradDropStats]:
+  def aggregate(task_updates: Any, key: Any, mask: Any = None) -> tuple[Any, _core.GradDropStats]:
     if track_stats:
-      return _core.graddrop(task_updates, key, return_stats=True, **options)
-    return _core.graddrop(task_updates, key, **options), initial_stats
+      return _core.graddrop(task_updates, key, return_stats=True, mask=mask, **options)
+    return _core.graddrop(task_updates, key, mask=mask, **options), initial_stats
 
-  return aggregator_transform(aggregate, key, initial_stats)
+  return aggregator_transform(aggregate, key, initial_stats, mask=mask)

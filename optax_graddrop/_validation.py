@@ -220,3 +220,42 @@ def check_stacked_like_params(task_updates: Any, params: Any, *, name: str = "up
       f"[T, *param.shape] = {expected}, the parameter's shape {param_shape} "
       f"behind a leading axis of T tasks.{hint}"
     )
+
+
+def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
+  """Resolves an ``optax.masked``-style mask to one bool per leaf of ``like``.
+
+  Args:
+    mask: ``None`` (every leaf), a pytree of bools with the structure of
+      ``like`` or a prefix of it, or a callable returning one from ``like``.
+    like: a pytree shaped like the parameters.
+    name: the argument's name, for error messages.
+
+  Returns:
+    One Python bool per leaf of ``like``, in leaf order.
+
+  Raises:
+    ValueError: if the mask's structure does not fit ``like``.
+    TypeError: if a mask leaf is not a concrete bool.
+  """
+  num_leaves = len(jax.tree_util.tree_leaves(like))
+  if mask is None:
+    return [True] * num_leaves
+  if callable(mask):
+    mask = mask(like)
+  try:
+    full = jax.tree.broadcast(mask, like)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+      f"`{name}` must be a pytree of bools with the structure of the parameters "
+      f"(or a prefix of it), or a callable returning one; got {mask!r}."
+    ) from error
+  values = jax.tree_util.tree_leaves(full)
+  selected = []
+  for value in values:
+    if isinstance(value, jax.core.Tracer) or jnp.shape(value) != ():
+      raise TypeError(f"Every leaf of `{name}` must be a concrete bool; got {value!r}.")
+    if not isinstance(value, (bool, np.bool_)) and jnp.result_type(value) != jnp.bool_:
+      raise TypeError(f"Every leaf of `{name}` must be a bool; got {value!r}.")
+    selected.append(bool(value))
+  return selected

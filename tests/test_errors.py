@@ -192,3 +192,25 @@ def test_adam_after_graddrop_sees_the_error_not_a_broadcast():
   state = tx.init(PARAMS)
   with pytest.raises(ValueError, match="plain gradient"):
     tx.update(jax.tree.map(jnp.ones_like, PARAMS), state, PARAMS)
+
+
+@pytest.mark.parametrize(
+  ("mask", "error", "match"),
+  [
+    ({"w": True}, ValueError, "`mask` must be a pytree of bools with the structure"),
+    ({"w": 1.0, "b": True}, TypeError, "Every leaf of `mask` must be a bool"),
+    (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "must be a concrete bool"),
+  ],
+)
+def test_bad_masks_are_named(mask, error, match):
+  with pytest.raises(error, match=match):
+    ogd.graddrop(GOOD, KEY, mask=mask)
+  tx = ogd.graddrop_transform(0, mask=mask)
+  with pytest.raises(error, match=match):
+    tx.update(GOOD, tx.init(jax.tree.map(lambda g: g[0], GOOD)))
+
+
+def test_a_callable_keep_injected_as_a_schedule_gets_a_hint():
+  tx = optax.inject_hyperparams(ogd.graddrop_transform)(key=0, keep=lambda p: p)
+  with pytest.raises(ValueError, match="static_args"):
+    tx.init(jnp.zeros(3))

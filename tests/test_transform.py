@@ -285,3 +285,149 @@ def test_float16_with_loss_scaling_makes_the_float32_decisions(eps):
     # picks signs almost at random there, unlike in the loss-scaled run
     # (measured: 81-92% of the masks agree).
     assert max(agreement) < 0.95, agreement
+
+
+# --- Composition with optax's wrappers and Flax NNX -------------------------------
+
+
+def _stacked_problem():
+  params = {"trunk": jnp.zeros((5, 4)), "head": jnp.zeros((4,))}
+  task_grads = {
+    "trunk": jax.random.normal(jax.random.key(0), (3, 5, 4)),
+    "head": jax.random.normal(jax.random.key(1), (3, 4)),
+  }
+  return params, task_grads
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_inject_hyperparams_as_written(jit):
+  params, task_grads = _stacked_problem()
+  tx = optax.inject_hyperparams(ogd.graddrop_transform)(key=0, leak=0.5)
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  expected_key = jax.random.key(0)
+  for leak in (0.5, 0.25, 1.0):
+    state.hyperparams["leak"] = jnp.asarray(leak)
+    updates, state = update(task_grads, state, params)
+    expected_key, step_key = jax.random.split(expected_key)
+    chex.assert_trees_all_close(
+      updates, ogd.graddrop(task_grads, step_key, leak=leak), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_inject_hyperparams_schedules_leak_scale_and_eps():
+  params, task_grads = _stacked_problem()
+  leak = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+  scale = optax.linear_schedule(1.0, 0.5, transition_steps=4)
+  eps = optax.linear_schedule(0.0, 1e-3, transition_steps=4)
+  tx = optax.inject_hyperparams(ogd.graddrop_transform)(key=3, leak=leak, scale=scale, eps=eps)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  expected_key = jax.random.key(3)
+  for step in range(4):
+    updates, state = update(task_grads, state, params)
+    expected_key, step_key = jax.random.split(expected_key)
+    expected = ogd.graddrop(
+      task_grads, step_key, leak=float(leak(step)), scale=float(scale(step)), eps=float(eps(step))
+    )
+    chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.hyperparams["leak"], leak(step), rtol=1e-6)
+
+
+def test_inject_hyperparams_validates_concrete_values():
+  params, _ = _stacked_problem()
+  with pytest.raises(ValueError, match=r"`leak` must lie in \[0, 1\]"):
+    tx = optax.inject_hyperparams(ogd.graddrop_transform)(key=0, leak=1.5)
+    tx.update(_stacked_problem()[1], tx.init(params), params)
+  with pytest.raises(ValueError, match="`eps` must be >= 0"):
+    optax.inject_hyperparams(ogd.graddrop_transform)(key=0, eps=-1.0).init(params)
+
+
+@pytest.mark.parametrize(
+  "mask",
+  [
+    {"trunk": True, "head": False},
+    lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+  ],
+)
+def test_mask_applies_graddrop_to_part_of_the_model(mask):
+  params, task_grads = _stacked_problem()
+  key = jax.random.key(4)
+  out, stats = ogd.graddrop(task_grads, key, mask={"trunk": True, "head": False}, return_stats=True)
+  full = ogd.graddrop(task_grads, key)
+  # The masked-in leaf draws as it would without a mask; the other is summed.
+  chex.assert_trees_all_equal(out["trunk"], full["trunk"])
+  chex.assert_trees_all_close(out["head"], task_grads["head"].sum(0), rtol=1e-6)
+  # The diagnostics count the masked-in leaf alone.
+  trunk = task_grads["trunk"]
+  np.testing.assert_allclose(
+    stats.conflict_fraction, jnp.mean((trunk > 0).any(0) & (trunk < 0).any(0)), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    stats.kept_fraction, jnp.mean(ogd.sign_masks(task_grads, key)["trunk"]), rtol=1e-6
+  )
+  tx = ogd.graddrop_transform(key, mask=mask)
+  updates, _ = tx.update(task_grads, tx.init(params), params)
+  _, step_key = jax.random.split(key)
+  chex.assert_trees_all_equal(
+    updates, ogd.graddrop(task_grads, step_key, mask={"trunk": True, "head": False})
+  )
+
+
+def test_mask_prefix_and_baselines():
+  params, task_grads = _stacked_problem()
+  key = jax.random.key(5)
+  nothing = ogd.graddrop(task_grads, key, mask=False)
+  chex.assert_trees_all_close(nothing, jax.tree.map(lambda g: g.sum(0), task_grads), rtol=1e-6)
+  for transform, function in (
+    (ogd.pcgrad_transform(key, mask={"trunk": True, "head": False}), ogd.pcgrad),
+    (ogd.mgda_transform(mask={"trunk": True, "head": False}), ogd.mgda),
+  ):
+    updates, _ = transform.update(task_grads, transform.init(params), params)
+    chex.assert_trees_all_close(updates["head"], task_grads["head"].sum(0), rtol=1e-6)
+    # The inner products are over the masked-in leaves alone.
+    trunk_only = {"trunk": task_grads["trunk"]}
+    expected = ogd.mgda(trunk_only) if function is ogd.mgda else None
+    if expected is not None:
+      chex.assert_trees_all_close(updates["trunk"], expected["trunk"], rtol=1e-5)
+    else:
+      _, step_key = jax.random.split(key)
+      chex.assert_trees_all_close(
+        updates["trunk"], ogd.pcgrad(trunk_only, step_key)["trunk"], rtol=1e-5
+      )
+
+
+def test_flax_nnx_optimizer_with_graddrop_in_the_chain():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(4, 16, rngs=rngs)
+      self.heads = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.heads(nnx.relu(self.trunk(x)))
+
+  x = jax.random.normal(jax.random.key(0), (64, 4))
+  y = jnp.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 1]], axis=1)
+  model = Model(nnx.Rngs(0))
+  tx = optax.chain(ogd.graddrop_transform(0), optax.adam(1e-2))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def task_losses(params):
+      return jnp.mean((nnx.merge(graphdef, params, rest)(x) - y) ** 2, axis=0)
+
+    losses, task_grads = ogd.per_task_value_and_grad(task_losses)(params)
+    optimizer.update(model, task_grads)  # stacked per-task gradients in
+    return losses
+
+  first = train_step(model, optimizer)
+  for _ in range(200):
+    last = train_step(model, optimizer)
+  assert jnp.all(last < 0.1 * first), (first, last)
+  assert isinstance(optimizer.opt_state[0], ogd.AggregatorState)
+  assert int(optimizer.opt_state[0].count) == 201
