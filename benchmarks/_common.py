@@ -55,9 +55,10 @@ def write_text(out_dir: pathlib.Path | str, name: str, text: str) -> str:
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   path = out / f"{name}.md"
-  command = " ".join(
-    ["python", *(pathlib.Path(a).name if a.endswith(".py") else a for a in sys.argv)]
-  )
+  script = pathlib.Path(sys.argv[0]).resolve()
+  if script.is_relative_to(RESULTS_DIR.parents[1]):
+    script = script.relative_to(RESULTS_DIR.parents[1])
+  command = " ".join(["python", str(script), *sys.argv[1:]])
   path.write_text(f"Command: `{command}`\n\n{text}\n")
   return str(path)
 
