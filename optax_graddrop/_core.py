@@ -83,7 +83,7 @@ def _count_dtype(num_tasks: int) -> Any:
 
 
 class _TaskSums(NamedTuple):
-  """Per-element sums over tasks, all that eqs. 1-3 need (DESIGN.md 2b).
+  """Per-element sums over tasks: all that eqs. 1-3 need.
 
   ``G_i`` is the signal whose sign GradDrop looks at and ``g_i`` the
   gradient it combines; they are the same array except at the activation

@@ -60,7 +60,7 @@ def _check_options(
 def _signal(
   features: jax.Array, cotangent: jax.Array, marginalize: str, batch_axes: Sequence[int]
 ) -> jax.Array:
-  """The per-task signal whose sign GradDrop looks at (DESIGN step 1)."""
+  """The per-task signal whose sign GradDrop looks at (batch-marginalised)."""
   axes = tuple(a % features.ndim for a in batch_axes)
   # The weight gradient of the next layer is input x cotangent, so the sign
   # of the input decides the sign each task pushes on the weights.

@@ -1,6 +1,6 @@
 """Parameter-level GradDrop without the ``[T, ...]`` stack: streaming over tasks.
 
-Eqs. 1-3 need only per-element sums over tasks (DESIGN.md 2b), so the
+Eqs. 1-3 need only per-element sums over tasks, so the
 per-task gradients can be added to running sums as the backward passes
 produce them, ``chunk_size`` tasks at a time, and GradDrop finished from the
 sums: ``O(params)`` memory whatever the number of tasks.
@@ -42,7 +42,7 @@ def graddrop_value_and_grad(
   computes them with one forward pass, runs the per-task backward passes
   ``chunk_size`` tasks at a time (a ``vmap`` over a chunk, a ``fori_loop``
   over chunks), adds each task's gradient to per-element running sums (the
-  sums of its positive and negative entries, DESIGN.md section 2b), and
+  sums of its positive and negative entries, and their counts), and
   finishes GradDrop (paper eqs. 1-3) from the sums::
 
     P   = 1/2 (1 + sum_i g_i / sum_i |g_i|)

@@ -1,16 +1,16 @@
 """Small multitask problems that run offline, for examples and benchmarks.
 
-* :func:`two_objective_losses`: the two-objective landscape in R^2 of CAGrad
+* :func:`~optax_graddrop.problems.two_objective_losses`: the two-objective landscape in R^2 of CAGrad
   (Liu et al., 2021) and Nash-MTL, with its Pareto set
-  (:func:`two_objective_pareto_set`) and the usual starting points.
-* :func:`multi_minimum_losses`: two 1-D losses with one joint minimum (at 0)
+  (:func:`~optax_graddrop.problems.two_objective_pareto_set`) and the usual starting points.
+* :func:`~optax_graddrop.problems.multi_minimum_losses`: two 1-D losses with one joint minimum (at 0)
   and different local minima elsewhere, the setting of the GradDrop paper's
   argument that sign dropout only settles where every task is at a minimum.
-* :func:`multidigits`: MultiMNIST-style pairs of overlapping handwritten
+* :func:`~optax_graddrop.problems.multidigits`: MultiMNIST-style pairs of overlapping handwritten
   digits (Sener & Koltun, 2018), built from scikit-learn's bundled
   ``load_digits``; two 10-class tasks.
-* :func:`digit_attributes`: many binary attributes of the same digits (the
-  CelebA setting of the GradDrop paper), see :data:`DIGIT_ATTRIBUTES`.
+* :func:`~optax_graddrop.problems.digit_attributes`: many binary attributes of the same digits (the
+  CelebA setting of the GradDrop paper), see :data:`~optax_graddrop.problems.DIGIT_ATTRIBUTES`.
 
 The landscapes are pure JAX functions. The digit problems need
 scikit-learn (``pip install "optax_graddrop[bench]"``); they load its bundled
@@ -37,7 +37,7 @@ __all__ = [
   "two_objective_pareto_set",
 ]
 
-# The starting points of CAGrad's experiment (Liu et al., 2021, Fig. 1).
+#: The starting points of CAGrad's experiment (Liu et al., 2021, Fig. 1).
 TWO_OBJECTIVE_STARTS = ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0))
 
 _LOG_FLOOR = 5e-6
@@ -57,7 +57,7 @@ def two_objective_losses(x: jax.Array) -> jax.Array:
 
   The upper half plane holds two narrow log valleys that trap the plain
   sum; the Pareto set is a curve near ``x2 = -8.36`` for ``x1`` in
-  ``[-7, 7]`` (see :func:`two_objective_pareto_set`), and the mean loss is
+  ``[-7, 7]`` (see :func:`~optax_graddrop.problems.two_objective_pareto_set`), and the mean loss is
   smallest at its middle.
 
   Args:
@@ -90,7 +90,7 @@ def two_objective_losses(x: jax.Array) -> jax.Array:
 
 
 def two_objective_pareto_set(num_points: int = 1001) -> np.ndarray:
-  """Points on the Pareto set of :func:`two_objective_losses`, in order.
+  """Points on the Pareto set of :func:`~optax_graddrop.problems.two_objective_losses`, in order.
 
   For a weight ``w`` in ``[0, 1]`` the minimiser of ``w L1 + (1 - w) L2``
   lies in the lower half plane (``c1 = 0``), at ``x1 = 7 (2 w - 1)``, the
@@ -284,9 +284,10 @@ def _left_minus_right(images: np.ndarray) -> np.ndarray:
   return images[:, :, :4].sum(axis=(1, 2)) - images[:, :, 4:].sum(axis=(1, 2))
 
 
-# name -> (description, attribute).
-# Nine depend on the class only; three on the handwriting itself (thresholds
-# at the median over all 1,797 digits, so each is true for half of them).
+#: The binary tasks of :func:`~optax_graddrop.problems.digit_attributes`: name -> (description,
+#: attribute). Nine depend on the class only; three on the handwriting itself
+#: (thresholds at the median over all 1,797 digits, so each is true for half
+#: of them).
 DIGIT_ATTRIBUTES: dict[str, tuple[str, _Attribute]] = {
   "even": ("0, 2, 4, 6, 8", _classes(0, 2, 4, 6, 8)),
   "greater_than_4": ("5 to 9", _classes(5, 6, 7, 8, 9)),
@@ -304,7 +305,7 @@ DIGIT_ATTRIBUTES: dict[str, tuple[str, _Attribute]] = {
 
 
 def digit_attributes(*, test_fraction: float = 1 / 3, seed: int = 0) -> MultitaskData:
-  """The 8x8 digits with the 12 binary attributes of :data:`DIGIT_ATTRIBUTES`.
+  """The 8x8 digits with the 12 binary attributes of :data:`~optax_graddrop.problems.DIGIT_ATTRIBUTES`.
 
   A stand-in for CelebA's 40 binary attributes: many related binary tasks
   on one image. The 1,797 digits are split once into train and test.

@@ -246,7 +246,7 @@ def test_jitted_fork_step_compiles_once_over_keys_and_data():
   assert traces == 1
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(strategies.problems(), st.integers(0, 2**31 - 1), st.booleans())
 def test_backward_without_marginalisation_agrees_with_the_numpy_oracle(problem, seed, jit):
   key = jax.random.key(seed)
