@@ -374,7 +374,7 @@ def _scales(draw, values, outputs, dtype, squares=False):
   return draw(st.integers(math.ceil(low), math.floor(high)))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(strategies.problems(), st.integers(0, 2**31 - 1), st.booleans(), st.data())
 def test_scaling_by_a_power_of_two_scales_the_output_exactly(problem, seed, preserve_norm, data):
   key = jax.random.key(seed)
