@@ -4,12 +4,13 @@ Every process runs this same script. The batch is sharded over all devices of
 all processes; each process builds only its own rows of every batch
 (``jax.make_array_from_process_local_data``); the parameters, the optimizer
 state and the keys are replicated, so every process draws the same GradDrop
-uniforms. Two ways to train the same model, with checkpoints (orbax, written
-by all processes together) that any number of processes can restore:
+uniforms. It trains the same model two ways (``--methods``), each with
+checkpoints (orbax, written by all processes together, under ``--out``) that
+any number of processes can restore:
 
-* ``--method fork``: activation-level GradDrop (``fork``), data parallel: the
+* ``fork``: activation-level GradDrop (``fork``), data parallel: the
   batch marginalisation inside ``fork`` becomes an all-reduce;
-* ``--method streaming``: parameter-level GradDrop
+* ``streaming``: parameter-level GradDrop
   (``graddrop_value_and_grad``), data parallel: the per-task gradients are
   all-reduced over the batch before GradDrop combines them.
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +44,9 @@ NUM_TASKS, DIM, HIDDEN, GLOBAL_BATCH, DATASET = 4, 16, 64, 64, 1024
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--method", choices=("fork", "streaming"), default="fork")
+  parser.add_argument(
+    "--methods", nargs="+", choices=("fork", "streaming"), default=["fork", "streaming"]
+  )
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--checkpoint-every", type=int, default=5)
   parser.add_argument("--out", required=True, help="checkpoints and final parameters")
@@ -118,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     preds = jnp.stack([b @ params["heads"][i] for i, b in enumerate(branches)], axis=1)
     return jnp.mean((preds - y) ** 2, axis=0)
 
-  def gradients(params: Any, x: Any, y: Any, key: Any) -> Any:
-    if args.method == "fork":
+  def gradients(method: str, params: Any, x: Any, y: Any, key: Any) -> Any:
+    if method == "fork":
       split = lambda f: ogd.fork(f, key, NUM_TASKS)  # noqa: E731
       return jax.grad(lambda p: task_losses(p, x, y, split).sum())(params)
     same = lambda f: (f,) * NUM_TASKS  # noqa: E731
@@ -130,60 +132,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   tx = optax.adam(1e-2)
 
-  @jax.jit
-  def train_step(state: dict[str, Any], x: Any, y: Any) -> dict[str, Any]:
-    key = jax.random.fold_in(jax.random.key(1), state["step"])  # the same on every process
-    grads = gradients(state["params"], x, y, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {
-      "params": optax.apply_updates(state["params"], updates),
-      "opt_state": opt_state,
-      "step": state["step"] + 1,
+  def train(method: str) -> dict[str, Any]:
+    @jax.jit
+    def train_step(state: dict[str, Any], x: Any, y: Any) -> dict[str, Any]:
+      key = jax.random.fold_in(jax.random.key(1), state["step"])  # the same on every process
+      grads = gradients(method, state["params"], x, y, key)
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      return {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+      }
+
+    init_keys = jax.random.split(jax.random.key(0))
+    params = {
+      "trunk": jax.random.normal(init_keys[0], (DIM, HIDDEN)) / np.sqrt(DIM),
+      "heads": jax.random.normal(init_keys[1], (NUM_TASKS, HIDDEN)) / np.sqrt(HIDDEN),
     }
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = jax.device_put(state, replicated)
 
-  init_keys = jax.random.split(jax.random.key(0))
-  params = {
-    "trunk": jax.random.normal(init_keys[0], (DIM, HIDDEN)) / np.sqrt(DIM),
-    "heads": jax.random.normal(init_keys[1], (NUM_TASKS, HIDDEN)) / np.sqrt(HIDDEN),
-  }
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-  state = jax.device_put(state, replicated)
-
-  manager = ocp.CheckpointManager(
-    os.path.abspath(args.out),
-    options=ocp.CheckpointManagerOptions(
-      save_interval_steps=args.checkpoint_every, max_to_keep=3, create=True
-    ),
-  )
-  start = 0
-  if args.resume and manager.latest_step() is not None:
-    start = manager.latest_step()
-    # Restore onto this run's devices, whatever the run that saved it had.
-    target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
+    directory = os.path.join(os.path.abspath(args.out), method)
+    manager = ocp.CheckpointManager(
+      directory,
+      options=ocp.CheckpointManagerOptions(
+        save_interval_steps=args.checkpoint_every, max_to_keep=3, create=True
+      ),
     )
-    state = manager.restore(start, args=ocp.args.StandardRestore(target))
-    print(f"process {jax.process_index()}: resumed at step {start}", flush=True)
+    start = manager.latest_step() if args.resume else None
+    if start is not None:
+      # Restore onto this run's devices, whatever the run that saved it had.
+      target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
+      )
+      state = manager.restore(start, args=ocp.args.StandardRestore(target))
+      print(f"process {jax.process_index()}: {method} resumed at step {start}", flush=True)
+    for step in range(start or 0, args.steps):
+      state = train_step(state, *local_batch(step))
+      if (step + 1) % args.checkpoint_every == 0:
+        manager.save(step + 1, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+        print(f"process {jax.process_index()}: {method} checkpoint {step + 1} saved", flush=True)
+    manager.close()
 
-  for step in range(start, args.steps):
-    state = train_step(state, *local_batch(step))
-    if manager.save(step + 1, args=ocp.args.StandardSave(state)):
-      manager.wait_until_finished()
-      print(f"process {jax.process_index()}: checkpoint {step + 1} saved", flush=True)
-  manager.wait_until_finished()
+    final = jax.tree.map(np.asarray, state["params"])  # replicated: every process has it all
+    if jax.process_index() == 0:
+      np.savez(os.path.join(directory, "final_params.npz"), **final)
+    print(
+      f"process {jax.process_index()} of {jax.process_count()}: {method}, "
+      f"{jax.device_count()} devices, step {int(state['step'])}, "
+      f"trunk norm {float(np.linalg.norm(final['trunk'])):.6f}",
+      flush=True,
+    )
+    return final
 
-  final = jax.tree.map(np.asarray, state["params"])  # replicated: every process holds it all
-  if jax.process_index() == 0:
-    np.savez(os.path.join(args.out, "final_params.npz"), **final)
-  print(
-    f"process {jax.process_index()} of {jax.process_count()}: {args.method}, "
-    f"{jax.device_count()} devices, step {int(state['step'])}, "
-    f"trunk norm {float(np.linalg.norm(final['trunk'])):.6f}",
-    flush=True,
-  )
-  manager.close()
-  return final
+  return {method: train(method) for method in args.methods}
 
 
 if __name__ == "__main__":
-  sys.exit(0 if main() is not None else 1)
+  main()

@@ -14,7 +14,9 @@ shardings; nothing here is home-made):
 
 GradDrop's uniforms come from threefry on global element counters (like
 ``jax.random`` with ``jax_threefry_partitionable``, the default), so they do
-not depend on the sharding. On CPU, fake the devices:
+not depend on the sharding. Both kinds of mesh axes work: Explicit (the
+default of ``jax.make_mesh``, where arrays carry their sharding in their type)
+and Auto (``--axis-types auto``). On CPU, fake the devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python examples/sharded_training.py
 """
@@ -51,7 +53,13 @@ def _init() -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
 
 def _task_losses(params: Any, features_fn: Any, x: jax.Array, y: jax.Array) -> jax.Array:
   branches = features_fn(jax.nn.relu(x @ params["trunk"]))
-  preds = jnp.stack([b @ params["heads"][i] for i, b in enumerate(branches)], axis=1)
+  # Under Explicit axes a product over a sharded dimension names its output
+  # sharding (here: the sum over the model axis, replicated).
+  out_sharding = None if jax.sharding.get_abstract_mesh().empty else P()
+  preds = jnp.stack(
+    [jnp.matmul(b, params["heads"][i], out_sharding=out_sharding) for i, b in enumerate(branches)],
+    axis=1,
+  )
   return jnp.mean((preds - y) ** 2, axis=0)
 
 
@@ -117,17 +125,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=50)
   parser.add_argument("--tolerance", type=float, default=1e-4)
+  parser.add_argument(
+    "--axis-types",
+    choices=("auto", "explicit"),
+    default="explicit",
+    help="mesh axis types: Explicit (jax.make_mesh's default) or Auto",
+  )
   args = parser.parse_args(argv)
   if jax.device_count() < 8:
     sys.exit(
       f"needs 8 devices, found {jax.device_count()}; on CPU set "
       "XLA_FLAGS=--xla_force_host_platform_device_count=8 before starting Python"
     )
-  auto = (jax.sharding.AxisType.Auto,)
-  data_mesh = jax.make_mesh((8,), ("data",), axis_types=auto)
-  model_mesh = jax.make_mesh((8,), ("model",), axis_types=auto)
-  sharded_fork = train_fork(args.steps, data_mesh)
-  sharded_transform = train_transform(args.steps, model_mesh)
+  axis_types = (getattr(jax.sharding.AxisType, args.axis_types.capitalize()),)
+  data_mesh = jax.make_mesh((8,), ("data",), axis_types=axis_types)
+  model_mesh = jax.make_mesh((8,), ("model",), axis_types=axis_types)
+  with jax.set_mesh(data_mesh):
+    sharded_fork = train_fork(args.steps, data_mesh)
+  with jax.set_mesh(model_mesh):
+    sharded_transform = train_transform(args.steps, model_mesh)
   # The model-parallel parameters stay split over the 8 devices.
   assert sharded_transform["trunk"].sharding.spec == P(None, "model")
   assert len(sharded_transform["trunk"].addressable_shards) == 8
@@ -137,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
       train_transform(args.steps, None), sharded_transform
     ),
   }
-  print(f"{jax.device_count()} devices ({jax.devices()[0].device_kind}), {args.steps} steps")
+  print(
+    f"{jax.device_count()} devices ({jax.devices()[0].device_kind}), {args.axis_types} axes, "
+    f"{args.steps} steps"
+  )
   for name, diff in differences.items():
     print(f"{name}: max |sharded - single device| over parameters = {diff:.2e}")
   if max(differences.values()) > args.tolerance:

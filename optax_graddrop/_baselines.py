@@ -34,7 +34,7 @@ def _gram(task_grads: Any) -> jax.Array:
   """
   leaves = jax.tree.leaves(task_grads)
   num_tasks = leaves[0].shape[0]
-  rows = [g.reshape(num_tasks, -1) for g in leaves]
+  rows = [g.reshape(num_tasks, *_core._work_shape(g, skip=1)) for g in leaves]
   dtype = _core._compute_dtype(jnp.result_type(*leaves))
   pairs = [(i, j) for i in range(num_tasks) for j in range(i, num_tasks)]
   inner: dict[tuple[int, int], jax.Array] = {}

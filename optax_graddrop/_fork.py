@@ -146,10 +146,10 @@ def graddrop_activation(
     signals = None
     if marginalize is not None:
       signals = [_signal(leaf, g, marginalize, batch_axes) for g in grads]
-    signal_shape = grads[0].shape if signals is None else signals[0].shape
+    signal_like = grads[0] if signals is None else signals[0]
     init = _core._zero_sums(
-      signal_shape,
-      grads[0].shape,
+      signal_like,
+      grads[0],
       dtype,
       per_task_leak=leak_per_task is not None,
       separate_signals=signals is not None,
@@ -157,7 +157,7 @@ def graddrop_activation(
     sums = _core._accumulate(init, grads, leak_per_task, signals)
     # Marginalised signals are broadcast over the batch: have the bits
     # computed once rather than per batch element.
-    bits = _random.uniform_bits(leaf_key, signal_shape, materialize=signals is not None)
+    bits = _random.uniform_bits(leaf_key, signal_like.shape, materialize=signals is not None)
     out, _ = _core._finish(
       sums, bits, fn, eps, out_dtype=jnp.result_type(leaf), preserve_norm=preserve_norm
     )

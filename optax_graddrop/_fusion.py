@@ -48,9 +48,7 @@ def _one_reduce(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   views = tuple(_as_unsigned(a) if single else a for a in arrays)
   identities = tuple(_additive_identity(v.dtype) for v in views)
   # The size-2 axis goes last: measured slightly faster than first.
-  padded = tuple(
-    jnp.stack([v, jnp.broadcast_to(i, v.shape)], axis=-1) for v, i in zip(views, identities)
-  )
+  padded = tuple(jnp.stack([v, jnp.full_like(v, i)], axis=-1) for v, i in zip(views, identities))
   sums = jax.lax.reduce(
     padded, identities, lambda x, y: tuple(a + b for a, b in zip(x, y)), dimensions=(views[0].ndim,)
   )

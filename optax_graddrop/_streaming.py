@@ -8,7 +8,6 @@ sums: ``O(params)`` memory whatever the number of tasks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -18,7 +17,6 @@ import jax.numpy as jnp
 
 from optax_graddrop import _core
 from optax_graddrop import _per_task
-from optax_graddrop import _random
 from optax_graddrop import _validation
 
 
@@ -111,18 +109,18 @@ def graddrop_value_and_grad(
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
-    work_shapes = [_random.bits_shape(math.prod(shape)) for shape in shapes]
+    work_shapes = [_core._work_shape(leaf) for leaf in leaves]
     count_dtype = _core._count_dtype(num_tasks) if return_stats else None
     init = [
       _core._zero_sums(
-        work_shape,
-        work_shape,
+        jnp.reshape(leaf, work_shape),
+        jnp.reshape(leaf, work_shape),
         _core._compute_dtype(dtype),
         per_task_leak=leak_per_task is not None,
         separate_signals=False,
         count_dtype=count_dtype,
       )
-      for work_shape, dtype in zip(work_shapes, dtypes)
+      for leaf, work_shape, dtype in zip(leaves, work_shapes, dtypes)
     ]
 
     def task_rows(start: Any, size: int) -> list[jax.Array]:
