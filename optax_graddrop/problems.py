@@ -9,6 +9,9 @@
 * :func:`~optax_graddrop.problems.multidigits`: MultiMNIST-style pairs of overlapping handwritten
   digits (Sener & Koltun, 2018), built from scikit-learn's bundled
   ``load_digits``; two 10-class tasks.
+* :func:`~optax_graddrop.problems.digit_transfer`: the same pairs with a
+  target task labelled on a few images (transfer learning, the setting of
+  GradDrop's leak).
 * :func:`~optax_graddrop.problems.digit_attributes`: many binary attributes of the same digits (the
   CelebA setting of the GradDrop paper), see :data:`~optax_graddrop.problems.DIGIT_ATTRIBUTES`.
 
@@ -30,7 +33,9 @@ __all__ = [
   "DIGIT_ATTRIBUTES",
   "TWO_OBJECTIVE_STARTS",
   "MultitaskData",
+  "TransferData",
   "digit_attributes",
+  "digit_transfer",
   "multi_minimum_losses",
   "multidigits",
   "two_objective_losses",
@@ -200,14 +205,15 @@ def _split_indices(num: int, test_fraction: float, seed: int) -> tuple[np.ndarra
 
 def _overlay_pairs(
   images: np.ndarray, labels: np.ndarray, num: int, offset: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``num`` overlaid pairs: images, labels ``[num, 2]``, the top-left digits' indices."""
   first, second = rng.integers(0, len(images), size=(2, num))
   size = images.shape[1]
   canvas = np.zeros((num, size + offset, size + offset), np.float32)
   canvas[:, :size, :size] = images[first]
   bottom_right = canvas[:, offset:, offset:]
   np.maximum(bottom_right, images[second], out=bottom_right)
-  return canvas[..., None], np.stack([labels[first], labels[second]], axis=1)
+  return canvas[..., None], np.stack([labels[first], labels[second]], axis=1), first
 
 
 def multidigits(
@@ -245,14 +251,95 @@ def multidigits(
     >>> data.train_images.shape, data.train_labels.shape, data.task_names
     ((8, 10, 10, 1), (8, 2), ('left', 'right'))
   """
+  rng = np.random.default_rng(seed + 1)
+  pairs = _digit_pairs(num_train, num_test, offset, test_fraction, seed, rng)
+  return MultitaskData(*pairs, task_names=("left", "right"), num_classes=10)
+
+
+def _digit_pairs(
+  num_train: int,
+  num_test: int,
+  offset: int,
+  test_fraction: float,
+  seed: int,
+  rng: np.random.Generator,
+  first_digit_task: _Attribute | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Train and test pairs: images and labels, plus ``first_digit_task`` of the top-left digit."""
   if not 0 <= offset <= 8:
     raise ValueError(f"`offset` must be in [0, 8]; got {offset}.")
   images, labels = _load_digits()
   train_idx, test_idx = _split_indices(len(images), test_fraction, seed)
+  parts: list[np.ndarray] = []
+  for idx, num in ((train_idx, num_train), (test_idx, num_test)):
+    pair_images, pair_labels, first = _overlay_pairs(images[idx], labels[idx], num, offset, rng)
+    if first_digit_task is not None:
+      extra = first_digit_task(images, labels).astype(np.int32)[idx][first]
+      pair_labels = np.concatenate([pair_labels, extra[:, None]], axis=1)
+    parts += [pair_images, pair_labels]
+  train_images, train_labels, test_images, test_labels = parts
+  return train_images, train_labels, test_images, test_labels
+
+
+class TransferData(NamedTuple):
+  """Source tasks labelled everywhere, a target task labelled on a few images.
+
+  Attributes:
+    data: the images and every task's labels (sources first, the target
+      last), as a :class:`MultitaskData`.
+    target_labelled: bool ``[N]``: the training images whose target label
+      may be used (the test labels are all known).
+  """
+
+  data: MultitaskData
+  target_labelled: np.ndarray
+
+
+def digit_transfer(
+  num_target: int = 200,
+  num_train: int = 10_000,
+  num_test: int = 2_000,
+  *,
+  offset: int = 2,
+  seed: int = 0,
+) -> TransferData:
+  """Transfer learning on MultiDigits: two source tasks, one target task with few labels.
+
+  The images are those of :func:`~optax_graddrop.problems.multidigits`. The
+  source tasks ``"left"`` and ``"right"`` classify the two digits, labelled on
+  all ``num_train`` training images. The target task ``"left_heavy_ink"``
+  asks whether the top-left digit was written with more ink than the median
+  of the 1,797 digits (the ``"heavy_ink"`` attribute of
+  :data:`~optax_graddrop.problems.DIGIT_ATTRIBUTES`): related to the sources
+  (it is about the same digit) but not implied by them (every class has both
+  answers). Its labels may be used on ``num_target`` training images only.
+
+  Args:
+    num_target: training images whose target label is known.
+    num_train: training images (all labelled for the sources).
+    num_test: test images.
+    offset: as for :func:`~optax_graddrop.problems.multidigits`.
+    seed: fixes the split, the pairs and which images have target labels.
+
+  Returns:
+    A :class:`TransferData`; its ``data`` has three tasks (labels of the
+    target in ``{0, 1}``) and ``num_classes=10``, the most of any task.
+
+  Example:
+    >>> from optax_graddrop.problems import digit_transfer
+    >>> transfer = digit_transfer(num_target=5, num_train=20, num_test=4)
+    >>> transfer.data.task_names, int(transfer.target_labelled.sum())
+    (('left', 'right', 'left_heavy_ink'), 5)
+  """
+  if not 0 < num_target <= num_train:
+    raise ValueError(f"`num_target` must be in [1, num_train={num_train}]; got {num_target}.")
   rng = np.random.default_rng(seed + 1)
-  train = _overlay_pairs(images[train_idx], labels[train_idx], num_train, offset, rng)
-  test = _overlay_pairs(images[test_idx], labels[test_idx], num_test, offset, rng)
-  return MultitaskData(*train, *test, task_names=("left", "right"), num_classes=10)
+  heavy_ink = DIGIT_ATTRIBUTES["heavy_ink"][1]
+  parts = _digit_pairs(num_train, num_test, offset, 1 / 3, seed, rng, heavy_ink)
+  labelled = np.zeros(num_train, bool)
+  labelled[rng.choice(num_train, size=num_target, replace=False)] = True
+  data = MultitaskData(*parts, task_names=("left", "right", "left_heavy_ink"), num_classes=10)
+  return TransferData(data, labelled)
 
 
 # An attribute: (images [N, 8, 8], labels [N]) -> bool [N].

@@ -76,8 +76,9 @@ def test_overlay_takes_the_pixelwise_max_at_the_offset():
   images = np.stack([np.full((8, 8), 0.25, np.float32), np.eye(8, dtype=np.float32)])
   labels = np.array([3, 7], np.int32)
   rng = np.random.default_rng(0)
-  canvas, pair_labels = problems._overlay_pairs(images, labels, 64, 2, rng)
+  canvas, pair_labels, first = problems._overlay_pairs(images, labels, 64, 2, rng)
   chex.assert_shape(canvas, (64, 10, 10, 1))
+  np.testing.assert_array_equal(labels[first], pair_labels[:, 0])
   for sample, (first, second) in zip(canvas[..., 0], pair_labels):
     top_left, bottom_right = images[labels == first][0], images[labels == second][0]
     expected = np.zeros((10, 10), np.float32)
@@ -124,3 +125,40 @@ def test_digit_attributes_follow_their_definitions():
 def test_multidigits_rejects_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     problems.multidigits(num_train=4, num_test=4, **kwargs)
+
+
+def test_digit_transfer_adds_a_sparsely_labelled_target():
+  transfer = problems.digit_transfer(num_target=50, num_train=512, num_test=128, seed=3)
+  data = transfer.data
+  assert data.task_names == ("left", "right", "left_heavy_ink")
+  # The images and source labels are MultiDigits' own.
+  plain = problems.multidigits(num_train=512, num_test=128, seed=3)
+  np.testing.assert_array_equal(data.train_images, plain.train_images)
+  np.testing.assert_array_equal(data.test_labels[:, :2], plain.test_labels)
+  chex.assert_shape(transfer.target_labelled, (512,))
+  assert transfer.target_labelled.dtype == bool and transfer.target_labelled.sum() == 50
+  target = np.concatenate([data.train_labels[:, 2], data.test_labels[:, 2]])
+  assert set(np.unique(target)) == {0, 1}
+  # Related to the left digit but not implied by its class: some classes
+  # have both answers.
+  left = np.concatenate([data.train_labels[:, 0], data.test_labels[:, 0]])
+  mixed = [c for c in range(10) if len(np.unique(target[left == c])) == 2]
+  assert len(mixed) >= 5
+  # The target is the top-left digit's heavy_ink attribute: redraw the pairs.
+  digits = load_digits()
+  ink = digits.images.sum(axis=(1, 2))
+  heavy = (ink > np.median(ink)).astype(np.int32)
+  train_idx, _ = problems._split_indices(1797, 1 / 3, seed=3)
+  images, labels = problems._load_digits()
+  rng = np.random.default_rng(3 + 1)
+  _, _, first = problems._overlay_pairs(images[train_idx], labels[train_idx], 512, 2, rng)
+  np.testing.assert_array_equal(data.train_labels[:, 2], heavy[train_idx][first])
+
+
+def test_digit_transfer_rejects_bad_target_sizes():
+  with pytest.raises(ValueError, match="`num_target`"):
+    problems.digit_transfer(num_target=0, num_train=8, num_test=4)
+  with pytest.raises(ValueError, match="`num_target`"):
+    problems.digit_transfer(num_target=9, num_train=8, num_test=4)
+  with pytest.raises(ValueError, match="`offset`"):
+    problems.digit_transfer(num_target=4, num_train=8, num_test=4, offset=9)
