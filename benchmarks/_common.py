@@ -7,6 +7,7 @@ import os
 import pathlib
 import platform
 import sys
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +42,23 @@ def mean_std(values: Any, scale: float = 1.0, digits: int = 2) -> str:
   """``"mean +- std"`` of ``values * scale`` (std over seeds, ddof 0)."""
   values = np.asarray(values, dtype=np.float64) * scale
   return f"{values.mean():.{digits}f} +- {values.std():.{digits}f}"
+
+
+def paired_difference(values: Any, baseline: Any, scale: float = 1.0, digits: int = 2) -> str:
+  """The mean difference to ``baseline`` over the same seeds, with a 95% interval.
+
+  A paired t-interval (the seeds pair the runs: same initialisation and
+  batches); a ``*`` marks an interval that excludes 0.
+  """
+  from scipy import stats
+
+  diff = (np.asarray(values, np.float64) - np.asarray(baseline, np.float64)) * scale
+  if len(diff) < 2:
+    return f"{diff.mean():+.{digits}f}"
+  half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+  low, high = diff.mean() - half, diff.mean() + half
+  star = "*" if low > 0 or high < 0 else ""
+  return f"{diff.mean():+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{star}"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -79,6 +97,14 @@ def write_results(out_dir: pathlib.Path | str, name: str, text: str, figure: Any
   md = out / f"{name}.md"
   md.write_text(text + "\n")
   return [str(md), save_figure(figure, out, name)]
+
+
+def report(args: argparse.Namespace, name: str, text: str, figure: Callable[[], Any]) -> None:
+  """Prints a benchmark's markdown; writes it and ``figure()`` where ``output_dir`` says."""
+  print(text)
+  out = output_dir(args)
+  if out is not None:
+    print("\n".join(write_results(out, name, text, figure())))
 
 
 def argument_parser(doc: str, steps: int) -> argparse.ArgumentParser:

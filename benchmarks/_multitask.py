@@ -8,9 +8,10 @@ combination differs:
 * ``sum``: ``jax.grad`` of the summed losses;
 * ``GradDrop (act.)`` / ``random GradDrop (act.)``: ``fork`` on the trunk's
   output (the paper's form, one backward pass), ``keep="linear"`` /
-  ``"random"``;
+  ``"random"``; with ``preserve_norm`` (lingvo's default) and with the
+  sigmoid keep function;
 * ``GradDrop (param.)``: per-task gradients of all parameters and
-  ``graddrop_transform``;
+  ``graddrop_transform``; with ``preserve_norm`` and with the sigmoid;
 * ``PCGrad`` / ``MGDA``: per-task gradients and ``pcgrad_transform`` /
   ``mgda_transform``;
 * ``uncertainty``: Kendall et al.'s learned weights, then a plain sum;
@@ -41,20 +42,36 @@ from optax_graddrop.problems import MultitaskData
 class Method(NamedTuple):
   """How one benchmark method combines the task losses."""
 
-  fork_keep: str | None = None  # a keep function: GradDrop through `fork`
-  aggregator: Callable[[int], optax.GradientTransformation] | None = None  # per-task grads
+  fork: dict[str, Any] | None = None  # GradDrop through `fork`, with these options
+  graddrop: dict[str, Any] | None = None  # parameter-level GradDrop, with these options
+  aggregator: Callable[[int], optax.GradientTransformation] | None = None  # other per-task methods
   uncertainty: bool = False
 
+  def transform(self, seed: int) -> optax.GradientTransformation | None:
+    """The aggregator on per-task gradients, or None for one backward pass."""
+    if self.graddrop is not None:
+      return ogd.graddrop_transform(seed, **self.graddrop)
+    return None if self.aggregator is None else self.aggregator(seed)
+
+
+# lingvo's defaults: the gradient's norm kept (`keep_gradnorm_constant=True`);
+# it also offers a sigmoid keep function.
+NORM = {"preserve_norm": True}
+SIGMOID = {"keep": "sigmoid"}
 
 METHODS: dict[str, Method] = {
   "sum": Method(),
-  "GradDrop (act.)": Method(fork_keep="linear"),
-  "random GradDrop (act.)": Method(fork_keep="random"),
-  "GradDrop (param.)": Method(aggregator=ogd.graddrop_transform),
+  "GradDrop (act.)": Method(fork={}),
+  "GradDrop (act.), preserve_norm": Method(fork=NORM),
+  "GradDrop (act.), sigmoid": Method(fork=SIGMOID),
+  "random GradDrop (act.)": Method(fork={"keep": "random"}),
+  "GradDrop (param.)": Method(graddrop={}),
+  "GradDrop (param.), preserve_norm": Method(graddrop=NORM),
+  "GradDrop (param.), sigmoid": Method(graddrop=SIGMOID),
   "PCGrad": Method(aggregator=ogd.pcgrad_transform),
   "MGDA": Method(aggregator=lambda seed: ogd.mgda_transform()),
   "uncertainty": Method(uncertainty=True),
-  "GradDrop + uncertainty": Method(fork_keep="linear", uncertainty=True),
+  "GradDrop + uncertainty": Method(fork={}, uncertainty=True),
 }
 
 
@@ -100,8 +117,11 @@ class Model(nnx.Module):
 
 
 def _cross_entropies(model: Model, branches: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy per task over the labelled rows (a label of -1: none)."""
   logits = model.heads(branches)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels.T).mean(axis=1)
+  labelled = labels.T >= 0
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels.T, 0))
+  return jnp.sum(jnp.where(labelled, losses, 0.0), axis=1) / jnp.maximum(labelled.sum(1), 1)
 
 
 def task_losses(
@@ -116,10 +136,10 @@ def _losses_of_features(
 ) -> jax.Array:
   """The heads' losses on the trunk's output; through ``fork`` unless ``key`` is None."""
   num_tasks = labels.shape[1]
-  if method.fork_keep is None or key is None:
+  if method.fork is None or key is None:
     branches = jnp.broadcast_to(features, (num_tasks, *features.shape))
   else:
-    branches = jnp.stack(ogd.fork(features, key, num_tasks, keep=method.fork_keep))
+    branches = jnp.stack(ogd.fork(features, key, num_tasks, **method.fork))
   losses = _cross_entropies(model, branches, labels)
   if method.uncertainty:
     return ogd.uncertainty_weighted_losses(losses, model.log_variances)
@@ -139,15 +159,18 @@ def _kept_fraction(
 ) -> float:
   """The share of task-gradient entries GradDrop keeps, on one batch."""
   key = jax.random.key(0)
-  if method.aggregator is ogd.graddrop_transform:
+  if method.graddrop is not None:
     per_task = ogd.per_task_value_and_grad(
       lambda p: task_losses(nnx.merge(graphdef, p), images, labels, None, method)
     )
 
     def kept(params: Any) -> jax.Array:
-      return ogd.graddrop(per_task(params)[1], key, return_stats=True)[1].kept_fraction
+      _, stats = ogd.graddrop(per_task(params)[1], key, return_stats=True, **method.graddrop)
+      return stats.kept_fraction
 
-  elif method.fork_keep is not None:
+  elif method.fork is not None:
+    keep = {name: value for name, value in method.fork.items() if name in ("keep", "scale")}
+
     # What `fork`'s backward sees: per-task cotangents of the features,
     # marginalised over the batch with the features' sign.
     def kept(params: Any) -> jax.Array:
@@ -157,15 +180,46 @@ def _kept_fraction(
         features
       )
       signals = jnp.sum(jnp.sign(features) * cotangents, axis=1)
-      return jnp.mean(ogd.sign_masks(signals, key, keep=method.fork_keep))
+      return jnp.mean(ogd.sign_masks(signals, key, **keep))
 
   else:
     return float("nan")
   return float(jax.jit(kept)(params))
 
 
+class Transfer(NamedTuple):
+  """Transfer learning: the last task's labels are known on a few images only."""
+
+  target_labelled: np.ndarray  # bool [N]
+  target_batch: int  # labelled images added to every batch
+  target_only: bool = False  # ignore the source tasks (the single-task baseline)
+
+
+def _batch(
+  key: jax.Array, images: jax.Array, labels: jax.Array, batch: int, transfer: Transfer | None
+) -> tuple[jax.Array, jax.Array]:
+  """A random batch; with ``transfer``, plus target-labelled images."""
+  idx = jax.random.randint(key, (batch,), 0, images.shape[0])
+  if transfer is None:
+    return images[idx], labels[idx]
+  labelled = jnp.asarray(np.flatnonzero(transfer.target_labelled))
+  target_idx = labelled[
+    jax.random.randint(jax.random.fold_in(key, 1), (transfer.target_batch,), 0, len(labelled))
+  ]
+  source_labels = labels[idx].at[:, -1].set(-1)  # their target labels are not known
+  batch_labels = jnp.concatenate([source_labels, labels[target_idx]])
+  if transfer.target_only:
+    batch_labels = batch_labels.at[:, :-1].set(-1)
+  return jnp.concatenate([images[idx], images[target_idx]]), batch_labels
+
+
 def train(
-  data: MultitaskData, method: Method, hp: Hyperparameters, seed: int, chunk: int = 50
+  data: MultitaskData,
+  method: Method,
+  hp: Hyperparameters,
+  seed: int,
+  chunk: int = 50,
+  transfer: Transfer | None = None,
 ) -> Run:
   """Trains ``method`` from ``seed``; returns test accuracies, speed, kept share."""
   num_tasks = data.train_labels.shape[1]
@@ -177,14 +231,15 @@ def train(
     return task_losses(nnx.merge(graphdef, params), images, labels, key, method)
 
   adam = optax.adam(hp.learning_rate)
-  if method.aggregator is None:
+  aggregator = method.transform(seed)
+  if aggregator is None:
     tx = adam
 
     def updates_fn(params, opt_state, images, labels, key):
       grads = jax.grad(lambda p: losses_fn(p, images, labels, key).sum())(params)
       return tx.update(grads, opt_state, params)
   else:
-    tx = optax.chain(method.aggregator(seed), adam)
+    tx = optax.chain(aggregator, adam)
     per_task = ogd.per_task_value_and_grad(losses_fn)
 
     def updates_fn(params, opt_state, images, labels, key):
@@ -195,10 +250,8 @@ def train(
   def step(params, opt_state, step_index):
     step_key = jax.random.fold_in(jax.random.key(seed), step_index)
     batch_key, fork_key = jax.random.split(step_key)
-    idx = jax.random.randint(batch_key, (hp.batch_size,), 0, train_images.shape[0])
-    updates, opt_state = updates_fn(
-      params, opt_state, train_images[idx], train_labels[idx], fork_key
-    )
+    images, labels = _batch(batch_key, train_images, train_labels, hp.batch_size, transfer)
+    updates, opt_state = updates_fn(params, opt_state, images, labels, fork_key)
     return optax.apply_updates(params, updates), opt_state
 
   # A Python loop over a jitted step: XLA:CPU runs convolutions inside a
@@ -227,6 +280,10 @@ def parse_args(
 ) -> tuple[argparse.Namespace, Hyperparameters, int]:
   """The benchmark's options, its hyperparameters and number of seeds."""
   parser = _common.argument_parser(doc, hp.steps)
+  parser.set_defaults(seeds=10)
+  parser.add_argument(
+    "--other-seeds", type=int, default=5, help="seeds for the methods other than sum and GradDrop"
+  )
   parser.add_argument(
     "--tune", type=float, nargs="+", metavar="LR", help="sweep these learning rates on sum"
   )
@@ -249,18 +306,35 @@ def describe(data: MultitaskData, hp: Hyperparameters, tuning: str) -> str:
 def run_all(
   data: MultitaskData,
   hp: Hyperparameters,
-  seeds: int,
+  seeds: int | dict[str, int],
   methods: dict[str, Method] = METHODS,
   progress: bool = True,
 ) -> dict[str, list[Run]]:
-  """Trains every method from seeds ``0..seeds-1``, with a progress bar."""
+  """Trains every method from seeds ``0..n-1`` (``n`` per method when a dict)."""
   from tqdm import tqdm
 
-  jobs = [(name, seed) for seed in range(seeds) for name in methods]
+  counts = seeds if isinstance(seeds, dict) else dict.fromkeys(methods, seeds)
+  jobs = [(name, seed) for seed in range(max(counts.values())) for name in methods]
+  jobs = [(name, seed) for name, seed in jobs if seed < counts[name]]
   runs: dict[str, list[Run]] = {name: [] for name in methods}
   for name, seed in tqdm(jobs, desc="training", disable=not progress):
     runs[name].append(train(data, methods[name], hp, seed))
   return runs
+
+
+def seed_counts(args: argparse.Namespace, seeds: int, methods: dict[str, Method]) -> dict[str, int]:
+  """``seeds`` for the sum and every GradDrop row (their paired differences
+  need them), ``--other-seeds`` for the other methods."""
+  other = seeds if args.quick else min(args.other_seeds, seeds)
+  return {name: seeds if name == "sum" or "GradDrop" in name else other for name in methods}
+
+
+def difference_to_sum(values: dict[str, np.ndarray], name: str) -> str:
+  """Table cell: the paired difference to ``sum`` over their common seeds."""
+  if name == "sum":
+    return "-"
+  common = min(len(values[name]), len(values["sum"]))
+  return _common.paired_difference(values[name][:common], values["sum"][:common])
 
 
 def validation_split(data: MultitaskData, fraction: float = 0.2) -> MultitaskData:

@@ -10,7 +10,7 @@ error averaged over the 12 tasks (mean +- std over seeds), the worst task's
 error, training time per step relative to ``sum``, and the share of gradient
 entries GradDrop keeps at the end; the results file adds the per-task errors.
 
-    python benchmarks/attributes.py                 # full: 5 seeds, ~15 min on 2 CPUs
+    python benchmarks/attributes.py                 # full: 10 seeds (5 for PCGrad, MGDA, uncertainty)
     python benchmarks/attributes.py --quick         # seconds; writes nothing
     python benchmarks/attributes.py --tune 1e-3 3e-3 # validation accuracy of sum per learning rate
 """
@@ -38,38 +38,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[_multitask.Run]]:
     print(_multitask.tune_learning_rate(data, hp, args.tune))
     return {}
 
-  runs = _multitask.run_all(data, hp, seeds, progress=not args.quick)
+  counts = _multitask.seed_counts(args, seeds, _multitask.METHODS)
+  runs = _multitask.run_all(data, hp, counts, progress=not args.quick)
   errors = {name: 100 * (1 - np.stack([r.accuracy for r in rs])) for name, rs in runs.items()}
+  mean_errors = {name: e.mean(1) for name, e in errors.items()}
   rows = [
     [
       name,
-      _common.mean_std(errors[name].mean(1)),
+      str(len(method_runs)),
+      _common.mean_std(mean_errors[name]),
+      _multitask.difference_to_sum(mean_errors, name),
       f"{errors[name].mean(0).max():.2f}",
       *_multitask.speed_and_kept(method_runs, runs["sum"]),
     ]
     for name, method_runs in runs.items()
   ]
-  header = ["method", "mean error (%)", "worst task (%)", "time/step vs sum", "kept (%)"]
+  header = [
+    "method",
+    "seeds",
+    "mean error (%)",
+    "vs sum [95% CI]",
+    "worst task (%)",
+    "time/step vs sum",
+    "kept (%)",
+  ]
   per_task = _common.markdown_table(
     ["method", *data.task_names],
     [[name, *(f"{e:.1f}" for e in errors[name].mean(0))] for name in runs],
   )
   text = (
-    f"# Digit attributes: {len(data.task_names)} binary tasks, test error over "
-    f"{seeds} seeds\n\n"
+    f"# Digit attributes: {len(data.task_names)} binary tasks, test error\n\n"
     f"{_multitask.describe(data, hp, TUNING)}\n\n"
     f"{_common.markdown_table(header, rows)}\n\n"
+    f"Differences to sum: paired over the same seeds, mean [95% interval]; * excludes 0.\n\n"
     f"Test error per task (%), mean over seeds:\n\n{per_task}\n\nMachine: {_common.machine()}"
   )
-  print(text)
-  out = _common.output_dir(args)
-  if out is not None:
-    figure = _multitask.bar_figure(
-      {name: e.mean(1) for name, e in errors.items()},
+  _common.report(
+    args,
+    "attributes",
+    text,
+    lambda: _multitask.bar_figure(
+      mean_errors,
       f"test error (%), mean of {len(data.task_names)} tasks",
       f"Digit attributes, {seeds} seeds",
-    )
-    print("\n".join(_common.write_results(out, "attributes", text, figure)))
+    ),
+  )
   return runs
 
 

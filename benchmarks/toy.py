@@ -244,10 +244,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     f"the Pareto set < {REACHED}. 1-D: {one_d_steps} steps; joint minimum = |x| < {JOINT}.\n\n"
     f"{tables(landscape, multi_minimum, seeds)}\n\nMachine: {_common.machine()}"
   )
-  print(text)
-  out = _common.output_dir(args)
-  if out is not None:
-    print("\n".join(_common.write_results(out, "toy", text, figure(landscape, multi_minimum))))
+  _common.report(args, "toy", text, lambda: figure(landscape, multi_minimum))
   return text
 
 

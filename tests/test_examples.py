@@ -57,7 +57,7 @@ def test_toy_benchmark_quick_writes_tables_and_figure(tmp_path, capsys):
   assert (tmp_path / "toy.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize(("script", "columns"), [("multidigits", 6), ("attributes", 5)])
+@pytest.mark.parametrize(("script", "columns"), [("multidigits", 8), ("attributes", 7)])
 def test_multitask_benchmarks_quick(tmp_path, capsys, script, columns):
   runs = _load(f"benchmarks/{script}.py").main(["--quick", "--out", str(tmp_path)])
   out = capsys.readouterr().out
@@ -73,3 +73,15 @@ def test_multitask_benchmarks_quick(tmp_path, capsys, script, columns):
     row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
     assert row.count("|") == columns + 1
   assert (tmp_path / f"{script}.md").exists() and (tmp_path / f"{script}.png").exists()
+
+
+def test_transfer_benchmark_quick(tmp_path, capsys):
+  results = _load("benchmarks/transfer.py").main(["--quick", "--out", str(tmp_path)])
+  out = capsys.readouterr().out
+  methods = _load("benchmarks/transfer.py").METHODS
+  (size,) = results
+  assert list(results[size]) == list(methods)
+  for name in methods:
+    assert np.all((results[size][name] >= 0) & (results[size][name] <= 100))
+    assert f"| {name} |" in out
+  assert (tmp_path / "transfer.md").exists() and (tmp_path / "transfer.png").exists()
