@@ -92,11 +92,7 @@ def save_figure(figure: Any, out_dir: pathlib.Path | str, name: str) -> str:
 
 def write_results(out_dir: pathlib.Path | str, name: str, text: str, figure: Any) -> list[str]:
   """Writes ``<name>.md`` and ``<name>.png`` under ``out_dir``; returns the paths."""
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  md = out / f"{name}.md"
-  md.write_text(text + "\n")
-  return [str(md), save_figure(figure, out, name)]
+  return [write_text(out_dir, name, text), save_figure(figure, out_dir, name)]
 
 
 def report(args: argparse.Namespace, name: str, text: str, figure: Callable[[], Any]) -> None:
