@@ -128,8 +128,7 @@ def multi_steps(
     updates, inner_state = jax.lax.cond(emit, apply, skip, acc, state.inner_state)
     new_state = MultiStepsState(
       mini_step=jnp.where(emit, 0, count),
-      gradient_step=optax.safe_increment(state.gradient_step) * emit
-      + state.gradient_step * (1 - emit),
+      gradient_step=jnp.where(emit, optax.safe_increment(state.gradient_step), state.gradient_step),
       inner_state=inner_state,
       acc_task_updates=jax.tree.map(lambda a: jnp.where(emit, jnp.zeros_like(a), a), acc),
     )

@@ -16,17 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("axis_types", ["explicit", "auto"])
 def test_sharded_training_over_8_devices_matches_one_device(axis_types):
-  # A fresh interpreter: the device count is fixed when jax starts.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   script = str(ROOT / "examples" / "sharded_training.py")
-  result = subprocess.run(
-    [sys.executable, script, "--steps", "10", "--axis-types", axis_types],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=600,
-    check=False,
-  )
+  result = _on_8_cpu_devices([script, "--steps", "10", "--axis-types", axis_types])
   assert result.returncode == 0, result.stdout + result.stderr
   assert f"8 devices (cpu), {axis_types} axes" in result.stdout
   assert "fork, data parallel" in result.stdout
@@ -88,14 +79,15 @@ for types in (AxisType.Explicit, AxisType.Auto):
 
 
 def test_graddrop_transform_and_streaming_under_explicit_and_auto_meshes():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, "-c", _MESH_CHECKS],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=600,
-    check=False,
-  )
+  result = _on_8_cpu_devices(["-c", _MESH_CHECKS])
   assert result.returncode == 0, result.stdout + result.stderr
   assert "Explicit ok" in result.stdout and "Auto ok" in result.stdout
+
+
+def _on_8_cpu_devices(args: list[str]) -> subprocess.CompletedProcess:
+  """Runs ``python *args`` in a fresh interpreter with 8 fake CPU devices (the
+  device count is fixed when jax starts)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return subprocess.run(
+    [sys.executable, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+  )
