@@ -16,7 +16,11 @@ exactly (NaN, Inf and the sign of zero included). (An
 ``optimization_barrier`` is not enough there: it is expanded before fusion,
 and XLA:CPU then recomputed GradDrop inside each of Adam's updates.)
 Elsewhere it is an ``optimization_barrier``. Either way the values are
-unchanged.
+unchanged, and :func:`materialize` is the identity under every
+transformation: a ``custom_jvp`` passes tangents through (a bitcast to
+unsigned integers, and a reduce over integers, would otherwise have a zero
+derivative), which transposes to passing cotangents through, and ``vmap``
+batches the primal computation.
 """
 
 from __future__ import annotations
@@ -62,6 +66,19 @@ def _barrier(*arrays: jax.Array) -> tuple[jax.Array, ...]:
   return tuple(jax.lax.optimization_barrier(arrays))
 
 
+@jax.custom_jvp
+def _materialize(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+  return tuple(jax.lax.platform_dependent(*arrays, cpu=_one_reduce, default=_barrier))
+
+
+@_materialize.defjvp
+def _materialize_jvp(
+  primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  # The value is unchanged, so the derivative is the identity.
+  return _materialize(*primals), tangents
+
+
 def materialize(arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
   """Computes ``arrays`` (same shape) in one pass and keeps them in memory.
 
@@ -73,4 +90,4 @@ def materialize(arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     The same values, materialised: their consumers read them instead of
     recomputing them.
   """
-  return tuple(jax.lax.platform_dependent(*arrays, cpu=_one_reduce, default=_barrier))
+  return _materialize(*arrays)
