@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental.layout import Layout
 from jax.experimental.layout import with_layout_constraint
 
+from optax_graddrop import _chunks
 from optax_graddrop import _fusion
 from optax_graddrop import _random
 from optax_graddrop import _validation
@@ -227,35 +228,6 @@ def _materialize_sums(sums: _TaskSums) -> _TaskSums:
   return jax.tree.map(lambda _: next(values), sums)
 
 
-def _over_chunks(
-  init: Any, num_tasks: int, chunk_size: int, add_chunk: Callable[[Any, Any, int, bool], Any]
-) -> Any:
-  """Folds ``add_chunk`` over the tasks, ``chunk_size`` at a time, in order.
-
-  All chunks but the last run in a ``fori_loop``, so the compile time does
-  not grow with ``T``; the last is left unevaluated, so that XLA fuses it
-  with whatever reads the result.
-
-  Args:
-    init: the accumulator before the first task.
-    num_tasks: ``T``.
-    chunk_size: tasks per chunk, ``>= 1``.
-    add_chunk: ``(acc, start, size, in_loop) -> acc`` adds tasks
-      ``start..start+size-1``; ``start`` is traced when ``in_loop``.
-
-  Returns:
-    The accumulator after all tasks.
-  """
-  looped = (num_tasks - 1) // chunk_size
-  acc = init
-  if looped:
-    acc = jax.lax.fori_loop(
-      0, looped, lambda chunk, a: add_chunk(a, chunk * chunk_size, chunk_size, True), acc
-    )
-  start = looped * chunk_size
-  return add_chunk(acc, start, num_tasks - start, False)
-
-
 def _sums_in_chunks(
   init: list[_TaskSums],
   num_tasks: int,
@@ -285,7 +257,7 @@ def _sums_in_chunks(
     # A loop carry is in memory anyway: have all its fields computed in one pass.
     return [_materialize_sums(s) for s in sums] if in_loop else sums
 
-  return _over_chunks(init, num_tasks, chunk_size, add_chunk)
+  return _chunks.over_chunks(init, num_tasks, chunk_size, add_chunk)
 
 
 def _task_slices(rows: jax.Array, start: Any, size: int, dtype: Any) -> list[jax.Array]:
@@ -321,7 +293,7 @@ def _task_sum(task_grad: jax.Array, weights: jax.Array | None = None) -> jax.Arr
       total = total + term
     return total
 
-  total = _over_chunks(jnp.zeros(rows.shape[1:], dtype), num_tasks, _BLOCK, add_chunk)
+  total = _chunks.over_chunks(jnp.zeros(rows.shape[1:], dtype), num_tasks, _BLOCK, add_chunk)
   (total,) = _fusion.materialize([total.astype(task_grad.dtype)])
   return total.reshape(task_grad.shape[1:])
 
