@@ -16,10 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from optax_graddrop import _core
 from optax_graddrop import _fork
+from optax_graddrop import _validation
 
 
 class GradDrop(nnx.Module):
@@ -34,9 +36,15 @@ class GradDrop(nnx.Module):
 
   Args:
     num_tasks: the number of branches ``T``.
-    leak, keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
+    leak: as for :func:`optax_graddrop.fork`: a scalar or one value per task
+      (a tuple, list, NumPy or JAX array). A concrete leak is stored as
+      Python floats, a static hyperparameter like ``nnx.Dropout``'s rate; a
+      leak traced at construction is stored as data.
+    keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
       :func:`optax_graddrop.fork`.
-    deterministic: if True, no GradDrop (and no key needed).
+    deterministic: if True, no GradDrop (and no key needed). Like
+      ``nnx.Dropout``'s flag, ``model.train()`` sets it to False and
+      ``model.eval()`` to True.
     rng_collection: the rng stream to draw keys from.
     rngs: an ``nnx.Rngs`` with that stream, or an ``nnx.RngStream``.
   """
@@ -56,10 +64,14 @@ class GradDrop(nnx.Module):
     rng_collection: str = "graddrop",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
+    _validation.check_num_tasks(num_tasks)
+    _validation.check_leak(leak, num_tasks)
     _core.keep_fn(keep, scale)
     self.num_tasks = num_tasks
+    # Flax keeps non-array attributes static and arrays as state: a concrete
+    # leak is a hyperparameter (static, like a tuple), a traced one is data.
+    self.leak = nnx.data(leak) if isinstance(leak, jax.core.Tracer) else _static_leak(leak)
     self.options = dict(
-      leak=leak,
       keep=keep,
       scale=scale,
       eps=eps,
@@ -111,4 +123,12 @@ class GradDrop(nnx.Module):
       )
     else:
       key = source
-    return _fork.fork(features, key, self.num_tasks, **self.options)
+    return _fork.fork(features, key, self.num_tasks, leak=self.leak, **self.options)
+
+
+def _static_leak(leak: Any) -> Any:
+  """A concrete leak as Python floats (a tuple for one per task)."""
+  if isinstance(leak, (list, tuple, np.ndarray, np.generic, jax.Array)):
+    values = np.asarray(leak, np.float64).tolist()
+    return tuple(values) if isinstance(values, list) else values
+  return leak

@@ -4,7 +4,9 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import pytest
 
 from optax_graddrop import linen as ogd_linen
 
@@ -82,3 +84,21 @@ def test_uses_the_graddrop_rng_stream():
   # The two branches' cotangents conflict, so GradDrop changes the gradient.
   plain = jax.grad(loss)(features, lambda f: (f, f))
   assert not jnp.array_equal(grad_with(key), plain)
+
+
+@pytest.mark.parametrize("leak", [jnp.array([0.0, 1.0]), np.array([0.0, 1.0])])
+def test_leak_as_an_array_under_jit(leak):
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+
+  def loss(f, branch_fn):
+    a, b = branch_fn(f)
+    return jnp.sum(a * jnp.arange(6.0)) - jnp.sum(b**2)
+
+  def grad_with(leak):
+    layer = ogd_linen.GradDrop(2, leak=leak)
+    branches = lambda f: layer.apply({}, f, rngs={"graddrop": jax.random.key(7)})  # noqa: E731
+    return jax.grad(loss)(features, branches)
+
+  via_array = jax.jit(lambda: grad_with(leak))()
+  chex.assert_trees_all_close(via_array, grad_with((0.0, 1.0)), rtol=1e-6)
+  assert not jnp.allclose(via_array, grad_with(0.0))

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -99,3 +100,61 @@ def test_key_or_rngs_at_call_time():
   assert len(layer(jnp.ones((2, 3)), rngs=nnx.Rngs(graddrop=0))) == 2
   with pytest.raises(TypeError, match="rngs"):
     ogd_nnx.GradDrop(2, rngs=0)
+
+
+def _three_branch_loss(split, features):
+  a, b, c = split(features)
+  return jnp.sum(a * jnp.arange(6.0)) - jnp.sum(b**2) + jnp.sum(jnp.cos(c))
+
+
+@pytest.mark.parametrize("leak", [jnp.array([0.0, 0.0, 1.0]), np.array([0.0, 0.0, 1.0])])
+def test_leak_as_an_array_under_nnx_jit_and_split_merge(leak):
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+  keys = nnx.Rngs(graddrop=3)["graddrop"].fork()
+  first_key, second_key = keys(), keys()
+
+  def expected(key, leak):
+    return jax.grad(_three_branch_loss, argnums=1)(
+      lambda f: ogd.fork(f, key, 3, leak=leak), features
+    )
+
+  grad_fn = nnx.grad(_three_branch_loss, argnums=1)
+  layer = ogd_nnx.GradDrop(3, leak=leak, rngs=nnx.Rngs(graddrop=3))
+  chex.assert_trees_all_close(grad_fn(layer, features), expected(first_key, leak), rtol=1e-6)
+  chex.assert_trees_all_close(
+    nnx.jit(grad_fn)(layer, features), expected(second_key, leak), rtol=1e-6
+  )
+  # The leak is used: the third task's cotangent always passes.
+  assert not jnp.allclose(expected(first_key, leak), expected(first_key, 0.0))
+
+  graphdef, state = nnx.split(ogd_nnx.GradDrop(3, leak=leak, rngs=nnx.Rngs(graddrop=3)))
+
+  @jax.jit
+  def functional_step(state, features):
+    layer = nnx.merge(graphdef, state)
+    return grad_fn(layer, features), nnx.state(layer)
+
+  grads, state = functional_step(state, features)
+  chex.assert_trees_all_close(grads, expected(first_key, leak), rtol=1e-6)
+  grads, _ = functional_step(state, features)
+  chex.assert_trees_all_close(grads, expected(second_key, leak), rtol=1e-6)
+
+
+def test_leak_traced_at_construction_and_checked_when_concrete():
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+  key = nnx.Rngs(graddrop=3)["graddrop"].fork()()
+
+  @jax.jit
+  def build_and_grad(leak):
+    layer = ogd_nnx.GradDrop(3, leak=leak, rngs=nnx.Rngs(graddrop=3))
+    return nnx.grad(_three_branch_loss, argnums=1)(layer, features)
+
+  leak = jnp.array([0.0, 0.5, 1.0])
+  expected = jax.grad(_three_branch_loss, argnums=1)(
+    lambda f: ogd.fork(f, key, 3, leak=leak), features
+  )
+  chex.assert_trees_all_close(build_and_grad(leak), expected, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"`leak` must be a scalar or have shape \(3,\)"):
+    ogd_nnx.GradDrop(3, leak=jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"`leak` must lie in \[0, 1\]"):
+    ogd_nnx.GradDrop(3, leak=np.array([0.0, 2.0, 0.0]))
