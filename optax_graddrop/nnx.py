@@ -71,7 +71,7 @@ class GradDrop(nnx.Module):
     # Flax keeps non-array attributes static and arrays as state: a concrete
     # leak is a hyperparameter (static, like a tuple), a traced one is data.
     self.leak = nnx.data(leak) if isinstance(leak, jax.core.Tracer) else _static_leak(leak)
-    self.options = dict(
+    self.options: dict[str, Any] = dict(
       keep=keep,
       scale=scale,
       eps=eps,
