@@ -222,12 +222,31 @@ def check_stacked_like_params(task_updates: Any, params: Any, *, name: str = "up
     )
 
 
+def _entry_name(entry: Any) -> Any:
+  """The key of one key-path entry, whatever the container (dict, attribute, index)."""
+  for field in ("key", "name", "idx"):
+    if hasattr(entry, field):
+      return getattr(entry, field)
+  return str(entry)
+
+
+def _names(path: Any) -> tuple[Any, ...]:
+  return tuple(_entry_name(entry) for entry in path)
+
+
 def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
   """Resolves an ``optax.masked``-style mask to one bool per leaf of ``like``.
 
+  The mask's entries are matched to the leaves by their key paths, not by the
+  container types, so a nested dict selects parts of an ``nnx.State`` or a
+  module (and an ``nnx.State`` of bools a dict of parameters). A mask leaf
+  applies to every leaf of ``like`` whose path starts with its path; entries
+  that match no leaf are ignored (e.g. a module without parameters).
+
   Args:
     mask: ``None`` (every leaf), a pytree of bools with the structure of
-      ``like`` or a prefix of it, or a callable returning one from ``like``.
+      ``like`` or a prefix of it, or a callable returning one from ``like``
+      (e.g. from the key paths, with ``jax.tree_util.tree_map_with_path``).
     like: a pytree shaped like the parameters.
     name: the argument's name, for error messages.
 
@@ -235,27 +254,31 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     One Python bool per leaf of ``like``, in leaf order.
 
   Raises:
-    ValueError: if the mask's structure does not fit ``like``.
+    ValueError: if a leaf of ``like`` has no entry in the mask.
     TypeError: if a mask leaf is not a concrete bool.
   """
-  num_leaves = len(jax.tree_util.tree_leaves(like))
+  paths = [_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
   if mask is None:
-    return [True] * num_leaves
+    return [True] * len(paths)
   if callable(mask):
     mask = mask(like)
-  try:
-    full = jax.tree.broadcast(mask, like)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-      f"`{name}` must be a pytree of bools with the structure of the parameters "
-      f"(or a prefix of it), or a callable returning one; got {mask!r}."
-    ) from error
-  values = jax.tree_util.tree_leaves(full)
-  selected = []
-  for value in values:
+  entries = {}
+  for path, value in jax.tree_util.tree_leaves_with_path(mask):
+    where = f"`{name}{jax.tree_util.keystr(path)}`"
     if isinstance(value, jax.core.Tracer) or jnp.shape(value) != ():
-      raise TypeError(f"Every leaf of `{name}` must be a concrete bool; got {value!r}.")
+      raise TypeError(f"Every leaf of `{name}` must be a concrete bool; {where} is {value!r}.")
     if not isinstance(value, (bool, np.bool_)) and jnp.result_type(value) != jnp.bool_:
-      raise TypeError(f"Every leaf of `{name}` must be a bool; got {value!r}.")
-    selected.append(bool(value))
+      raise TypeError(f"Every leaf of `{name}` must be a bool; {where} is {value!r}.")
+    entries[_names(path)] = bool(value)
+  selected = []
+  for (path, _), names in zip(jax.tree_util.tree_leaves_with_path(like), paths):
+    prefixes = [names[:end] for end in range(len(names), -1, -1) if names[:end] in entries]
+    if not prefixes:
+      raise ValueError(
+        f"`{name}` has no entry for the parameter at {jax.tree_util.keystr(path)}: "
+        "it must be a pytree of bools with the structure of the parameters (or a "
+        "prefix of it, e.g. {'trunk': True, 'heads': False}), or a callable "
+        f"returning one; got {mask!r}."
+      )
+    selected.append(entries[prefixes[0]])
   return selected

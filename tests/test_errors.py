@@ -197,7 +197,7 @@ def test_adam_after_graddrop_sees_the_error_not_a_broadcast():
 @pytest.mark.parametrize(
   ("mask", "error", "match"),
   [
-    ({"w": True}, ValueError, "`mask` must be a pytree of bools with the structure"),
+    ({"w": True}, ValueError, r"`mask` has no entry for the parameter at \['b'\]"),
     ({"w": 1.0, "b": True}, TypeError, "Every leaf of `mask` must be a bool"),
     (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "must be a concrete bool"),
   ],

@@ -397,6 +397,48 @@ def test_mask_prefix_and_baselines():
       )
 
 
+def _nnx_trunk_and_heads():
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(4, 16, rngs=rngs)
+      self.heads = nnx.Linear(16, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.heads(nnx.relu(self.trunk(x)))
+
+  return Model(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+  "mask",
+  [
+    {"trunk": True, "heads": False},  # a dict prefix of the nnx.State
+    lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "trunk", p),
+    "state",  # an nnx.State of bools, as jax.tree.map makes it
+  ],
+)
+def test_masks_match_an_nnx_state(mask):
+  from flax import nnx
+
+  params = nnx.state(_nnx_trunk_and_heads(), nnx.Param)
+  if mask == "state":
+    mask = jax.tree_util.tree_map_with_path(lambda path, _: path[0].key == "trunk", params)
+  task_grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), (3, *p.shape)), params)
+  pure = nnx.to_pure_dict(task_grads)
+  key = jax.random.key(2)
+  expected = ogd.graddrop(pure, key, mask={"trunk": True, "heads": False})
+  chex.assert_trees_all_close(expected["heads"], jax.tree.map(lambda g: g.sum(0), pure["heads"]))
+  out = ogd.graddrop(task_grads, key, mask=mask)
+  chex.assert_trees_all_equal(nnx.to_pure_dict(out), expected)
+  tx = ogd.graddrop_transform(key, mask=mask)
+  updates, _ = jax.jit(tx.update)(task_grads, tx.init(params), params)
+  _, step_key = jax.random.split(key)
+  expected = ogd.graddrop(pure, step_key, mask={"trunk": True, "heads": False})
+  chex.assert_trees_all_equal(nnx.to_pure_dict(updates), expected)
+
+
 def test_flax_nnx_optimizer_with_graddrop_in_the_chain():
   from flax import nnx
 
