@@ -9,6 +9,7 @@ import graddrop_oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tolerances
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -83,7 +84,7 @@ def tolerance(problem: Problem) -> float:
   """Relative tolerance of an output against ``sum_i |g_i|``: 0 when exact."""
   if problem.exact:
     return 0.0
-  return {jnp.float32: 1e-6, jnp.bfloat16: 2**-7, jnp.float16: 2**-10}[problem.dtype] * 4
+  return tolerances.summation_rtol(problem.dtype, problem.num_tasks)
 
 
 def assert_matches_oracle(outputs: list[Any], expected: list[np.ndarray], problem: Problem) -> None:

@@ -67,9 +67,10 @@ def assert_sums_close(actual: Any, expected: Any, terms: int, *, accumulate: Any
   """Asserts two pytrees of sums agree to the rounding of ``terms`` additions.
 
   Each leaf must satisfy ``|actual - expected| <= rtol (|expected| + max|expected|)``
-  with ``rtol = summation_rtol(expected.dtype, terms, accumulate=accumulate)``:
-  relative to each entry, and absolutely to the leaf's largest entry for
-  entries whose terms cancel.
+  with ``rtol = summation_rtol(dtype, terms, accumulate=accumulate)``, ``dtype``
+  the less precise of the two leaves' (a float64 oracle is compared at the
+  library's precision): relative to each entry, and absolutely to the leaf's
+  largest entry for entries whose terms cancel.
 
   Args:
     actual: pytree of floating arrays.
@@ -90,12 +91,13 @@ def assert_sums_close(actual: Any, expected: Any, terms: int, *, accumulate: Any
   expected_leaves, expected_tree = jax.tree.flatten_with_path(expected)
   assert actual_tree == expected_tree, f"tree structures differ: {actual_tree} != {expected_tree}"
   for (path, got), (_, want) in zip(actual_leaves, expected_leaves):
-    want = np.asarray(want)
-    rtol = summation_rtol(want.dtype, terms, accumulate=accumulate)
+    got, want = np.asarray(got), np.asarray(want)
+    dtype = max(got.dtype, want.dtype, key=lambda d: jnp.finfo(d).eps)
+    rtol = summation_rtol(dtype, terms, accumulate=accumulate)
     want64 = want.astype(np.float64)
     scale = float(np.max(np.abs(want64), initial=0.0, where=np.isfinite(want64)))
     np.testing.assert_allclose(
-      np.asarray(got, np.float64),
+      got.astype(np.float64),
       want64,
       rtol=rtol,
       atol=rtol * scale,
