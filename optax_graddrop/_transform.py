@@ -18,6 +18,7 @@ import optax
 from optax.experimental import aggregating
 
 from optax_graddrop import _core
+from optax_graddrop import _graddrop
 from optax_graddrop import _validation
 
 # (task_updates, key) -> (updates, stats); also takes `mask=` when the transform has one.
@@ -102,6 +103,7 @@ def aggregator_transform(
     **extra_args: Any,
   ) -> tuple[optax.Updates, AggregatorState]:
     del extra_args
+    _validation.check_not_masked(task_updates)
     if params is not None:
       _validation.check_stacked_like_params(task_updates, params)
     if state.rng_key is None:
@@ -112,7 +114,7 @@ def aggregator_transform(
     if mask is None:
       updates, stats = aggregate(task_updates, step_key)
     else:
-      like = _core._first_task(task_updates) if params is None else params
+      like = _graddrop.first_task(task_updates) if params is None else params
       selected = _validation.mask_leaves(mask, like)
       mask_tree = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), selected)
       updates, stats = aggregate(task_updates, step_key, mask=mask_tree)
@@ -205,7 +207,7 @@ def graddrop_transform(
 
   def aggregate(task_updates: Any, key: Any, mask: Any = None) -> tuple[Any, _core.GradDropStats]:
     if track_stats:
-      return _core.graddrop(task_updates, key, return_stats=True, mask=mask, **options)
-    return _core.graddrop(task_updates, key, mask=mask, **options), initial_stats
+      return _graddrop.graddrop(task_updates, key, return_stats=True, mask=mask, **options)
+    return _graddrop.graddrop(task_updates, key, mask=mask, **options), initial_stats
 
   return aggregator_transform(aggregate, key, initial_stats, mask=mask)

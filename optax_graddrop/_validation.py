@@ -6,12 +6,14 @@ All checks run at trace time on shapes and dtypes, so they cost nothing inside
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.Array:
@@ -209,17 +211,80 @@ def check_stacked_like_params(task_updates: Any, params: Any, *, name: str = "up
     if len(shape) == len(param_shape) + 1 and shape[1:] == param_shape:
       continue
     expected = "(T, " + ", ".join(map(str, param_shape)) + ")" if param_shape else "(T,)"
-    hint = (
-      " It has the parameter's own shape: pass per-task gradients stacked on a "
-      "leading axis (e.g. from per_task_value_and_grad), not a plain gradient."
-      if shape == param_shape
-      else ""
-    )
+    if shape == param_shape and _called_from_optax("MultiSteps.update"):
+      hint = (
+        " optax.MultiSteps wraps the aggregator: it accumulates in the parameters' "
+        "shape and hands the aggregator that accumulator, not the per-task "
+        "gradients. Use optax_graddrop.multi_steps(inner, every_k_schedule, "
+        "num_tasks), which accumulates the stacked per-task gradients."
+      )
+    elif shape == param_shape:
+      hint = (
+        " It has the parameter's own shape: pass per-task gradients stacked on a "
+        "leading axis (e.g. from per_task_value_and_grad), not a plain gradient, "
+        "and put the aggregator first in the chain (a transform before it that "
+        "removes the task axis, such as another aggregator, gives this error too)."
+      )
+    elif (
+      len(shape) == len(param_shape) == 1
+      and shape[0] > param_shape[0] > 0
+      and shape[0] % param_shape[0] == 0
+    ):
+      hint = (
+        f" It holds {shape[0] // param_shape[0]} times the parameter's entries in one "
+        "vector: a wrapper such as optax.flatten raveled the task axis into the "
+        "parameters'. Wrap the transforms after the aggregator instead, e.g. "
+        "optax.chain(aggregator, optax.flatten(optax.adam(1e-3)))."
+      )
+    else:
+      hint = ""
     raise ValueError(
       f"`{name}{jax.tree_util.keystr(path)}` has shape {shape}; expected "
       f"[T, *param.shape] = {expected}, the parameter's shape {param_shape} "
       f"behind a leading axis of T tasks.{hint}"
     )
+
+
+def check_not_masked(task_updates: Any) -> None:
+  """Checks that ``optax.masked`` does not hand the aggregator part of the updates.
+
+  ``optax.masked`` replaces the masked-out leaves with ``optax.MaskedNode`` and
+  returns them unchanged, so around an aggregator they would keep their task
+  axis and be broadcast onto the parameters. ``optax.partition`` masks the
+  same way but hands every leaf to one of its transforms, so there every part
+  may start with an aggregator.
+
+  Raises:
+    ValueError: if ``task_updates`` has masked-out leaves outside
+      ``optax.partition``.
+  """
+  is_masked = lambda node: isinstance(node, optax.MaskedNode)  # noqa: E731
+  if not any(map(is_masked, jax.tree_util.tree_leaves(task_updates, is_leaf=is_masked))):
+    return
+  if _called_from_optax("partition.<locals>.update_fn"):
+    return
+  raise ValueError(
+    "The aggregator got updates with masked-out leaves: optax.masked wraps it, "
+    "and would return the masked-out leaves with their task axis, to be "
+    "broadcast onto the parameters. Use the aggregator's `mask` option instead, "
+    "e.g. graddrop_transform(key, mask={'trunk': True, 'heads': False}): the "
+    "leaves where it is False get the plain sum of their task updates."
+  )
+
+
+def _called_from_optax(qualname: str) -> bool:
+  """Whether optax's function ``qualname`` is on the call stack.
+
+  Tells how an optax wrapper called an aggregator, to name the wrapper in an
+  error: the wrappers pass nothing that says so.
+  """
+  frame = inspect.currentframe()
+  while frame is not None:
+    module = frame.f_globals.get("__name__", "")
+    if frame.f_code.co_qualname == qualname and module.startswith("optax."):
+      return True
+    frame = frame.f_back
+  return False
 
 
 def _entry_name(entry: Any) -> Any:

@@ -214,3 +214,42 @@ def test_a_callable_keep_injected_as_a_schedule_gets_a_hint():
   tx = optax.inject_hyperparams(ogd.graddrop_transform)(key=0, keep=lambda p: p)
   with pytest.raises(ValueError, match="static_args"):
     tx.init(jnp.zeros(3))
+
+
+STACKED = {"w": jnp.array([[1.0, -2.0, 3.0], [-1.0, 1.0, 1.0]]), "b": jnp.array([[1.0, -1.0]] * 2)}
+SHAPES = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
+
+
+@pytest.mark.parametrize(
+  ("wrap", "match"),
+  [
+    (
+      lambda tx: optax.masked(tx, {"w": True, "b": False}),
+      "optax.masked wraps it.*Use the aggregator's `mask` option",
+    ),
+    (lambda tx: optax.masked(tx, lambda p: {"w": False, "b": False}), "optax.masked wraps it"),
+    (
+      lambda tx: optax.MultiSteps(optax.chain(tx, optax.sgd(1.0)), 2),
+      r"optax.MultiSteps wraps the aggregator.*optax_graddrop.multi_steps\(inner",
+    ),
+    (lambda tx: optax.flatten(tx), r"has shape \(10,\).*optax.flatten raveled the task axis"),
+    (lambda tx: optax.chain(ogd.sum_transform(), tx), "put the aggregator first in the chain"),
+  ],
+)
+@pytest.mark.parametrize("jit", [False, True])
+def test_optax_wrappers_around_an_aggregator_are_named(wrap, match, jit):
+  tx = wrap(ogd.graddrop_transform(0))
+  update = jax.jit(tx.update) if jit else tx.update
+  with pytest.raises(ValueError, match=match):
+    update(STACKED, tx.init(SHAPES), SHAPES)
+
+
+def test_partition_with_an_aggregator_in_every_part_is_not_an_error():
+  tx = optax.partition(
+    {"a": ogd.graddrop_transform(0), "b": ogd.pcgrad_transform(1)}, {"w": "a", "b": "b"}
+  )
+  updates, _ = tx.update(STACKED, tx.init(SHAPES), SHAPES)
+  keys = [jax.random.split(jax.random.key(seed))[1] for seed in (0, 1)]
+  assert updates["w"].shape == (3,)
+  np.testing.assert_array_equal(updates["w"], ogd.graddrop(STACKED["w"], keys[0]))
+  np.testing.assert_allclose(updates["b"], ogd.pcgrad(STACKED["b"], keys[1]), rtol=1e-6)
