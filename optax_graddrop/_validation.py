@@ -141,6 +141,39 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   return num_tasks
 
 
+def check_differentiable(primal: Any, *, name: str = "args[0]") -> None:
+  """Checks that every leaf of a differentiated argument is a real float array.
+
+  Like ``jax.value_and_grad``, a function that differentiates every leaf of
+  its argument needs float leaves. A Flax NNX module with rng state (e.g.
+  ``nnx.Dropout``) also holds keys and counters, whose updates would be lost:
+  its random streams would not advance. The error says what to pass instead.
+
+  Args:
+    primal: the differentiated argument (or a tuple of them).
+    name: its name, for error messages.
+
+  Raises:
+    TypeError: naming the first leaf that is not a real float array.
+  """
+  for path, leaf in jax.tree_util.tree_leaves_with_path(primal):
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+    if jnp.issubdtype(dtype, jnp.floating):
+      continue
+    raise TypeError(
+      f"`{name}{jax.tree_util.keystr(path)}` has dtype {dtype}; every leaf of a "
+      "differentiated argument must be a real float array (as for "
+      "jax.value_and_grad). For a Flax NNX model with rng state or counters, "
+      "differentiate its parameters only and pass the rest as another argument: "
+      "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, with the loss "
+      "function merging a copy, `nnx.merge(graphdef, params, rest, copy=True)`, and "
+      "returning `(losses, nnx.state(model, nnx.Not(nnx.Param)))` with "
+      "`has_aux=True`, so that `nnx.update(model, new_rest)` advances its random "
+      "streams (docs/guide/usage.md, 'NNX models with rng state'). Otherwise move "
+      "the non-float leaves to an argument not in `argnums`."
+    )
+
+
 def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
   """Checks the leak ratio and returns it as a float32 array of shape (T,).
 

@@ -158,3 +158,74 @@ def test_leak_traced_at_construction_and_checked_when_concrete():
     ogd_nnx.GradDrop(3, leak=jnp.zeros(2))
   with pytest.raises(ValueError, match=r"`leak` must lie in \[0, 1\]"):
     ogd_nnx.GradDrop(3, leak=np.array([0.0, 2.0, 0.0]))
+
+
+class DropoutNet(nnx.Module):
+  """A model with rng state: dropout between the trunk and the task heads."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.trunk = nnx.Linear(8, 16, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.heads = nnx.Linear(16, NUM_TASKS, rngs=rngs)
+
+  def __call__(self, x):
+    return self.heads(self.dropout(nnx.relu(self.trunk(x))))
+
+
+def _parameter_level_step(value_and_grad):
+  """The recipe of docs/guide/usage.md, 'NNX models with rng state'."""
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y, key):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def task_losses(params, rest):
+      model = nnx.merge(graphdef, params, rest, copy=True)
+      losses = jnp.mean((model(x) - y) ** 2, axis=0)
+      return losses, nnx.state(model, nnx.Not(nnx.Param))  # the advanced rng state
+
+    (losses, rest), grads = value_and_grad(task_losses, key)(params, rest)
+    nnx.update(model, rest)
+    optimizer.update(model, grads)
+    return losses
+
+  return train_step
+
+
+@pytest.mark.parametrize("level", ["streaming", "stacked"])
+def test_parameter_level_recipe_advances_the_dropout_stream(level):
+  x, y = _data()
+  if level == "streaming":
+    tx = optax.sgd(0.0)  # frozen parameters: only the dropout masks change the losses
+
+    def value_and_grad(fn, key):
+      return ogd.graddrop_value_and_grad(fn, key, has_aux=True, chunk_size=1)
+  else:
+    tx = optax.chain(ogd.graddrop_transform(0), optax.sgd(0.0))
+
+    def value_and_grad(fn, key):
+      del key  # the transform keeps its own
+      return ogd.per_task_value_and_grad(fn, has_aux=True)
+
+  model = DropoutNet(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  train_step = _parameter_level_step(value_and_grad)
+  counts = [int(model.dropout.rngs.count[...])]
+  losses = []
+  for step in range(2):
+    losses.append(train_step(model, optimizer, x, y, jax.random.key(step)))
+    counts.append(int(model.dropout.rngs.count[...]))
+  assert counts == [counts[0], counts[0] + 1, counts[0] + 2]
+  # Same parameters and data: different losses mean different dropout masks.
+  assert not jnp.allclose(losses[0], losses[1])
+  assert int(optimizer.step[...]) == 2
+
+
+def test_streaming_names_what_to_pass_for_a_module_with_rng_state():
+  from optax_graddrop import _validation
+
+  model = DropoutNet(nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"`args\[0\]\.dropout\.rngs\..*nnx.split\(model, nnx.Param"):
+    _validation.check_differentiable(model)
+  _, params, _ = nnx.split(model, nnx.Param, ...)
+  _validation.check_differentiable(params)
