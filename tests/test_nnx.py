@@ -229,3 +229,41 @@ def test_streaming_names_what_to_pass_for_a_module_with_rng_state():
     _validation.check_differentiable(model)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   _validation.check_differentiable(params)
+
+
+def _trunk_grad(model, x, y):
+  return nnx.grad(_loss)(model, x, y)["trunk"]["kernel"][...]
+
+
+def test_a_checkpoint_needs_the_rng_state_or_the_masks_replay():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1))
+  first = _trunk_grad(model, x, y)
+  # Snapshots, as a checkpointer stores them (nnx.state shares the variables).
+  everything = jax.tree.map(jnp.copy, nnx.state(model))
+  weights_only = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  second = _trunk_grad(model, x, y)
+  assert not jnp.array_equal(first, second)
+
+  def resumed(saved):  # a restart builds the model as the run did, then restores
+    model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1))
+    nnx.update(model, saved)
+    return _trunk_grad(model, x, y)
+
+  np.testing.assert_array_equal(resumed(everything), second)
+  np.testing.assert_array_equal(resumed(weights_only), first)  # the stream restarted
+
+
+def test_a_sum_baseline_with_a_leak_of_one_survives_train_and_eval():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), deterministic=True)
+  plain = nnx.grad(_loss)(model, x, y)
+  model.train()  # sets deterministic=False on every layer: now GradDrop
+  trunk = lambda grads: grads["trunk"]["kernel"][...]  # noqa: E731
+  assert not jnp.allclose(trunk(nnx.grad(_loss)(model, x, y)), trunk(plain), rtol=1e-3)
+  baseline = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), leak=1.0)
+  for mode in (baseline.train, baseline.eval):
+    mode()
+    chex.assert_trees_all_close(
+      nnx.state(nnx.grad(_loss)(baseline, x, y)), nnx.state(plain), rtol=1e-6, atol=1e-7
+    )
