@@ -1,5 +1,7 @@
 """Tests of graddrop_transform, the Optax form."""
 
+import operator
+
 import chex
 import flax.serialization
 import jax
@@ -474,3 +476,28 @@ def test_flax_nnx_optimizer_with_graddrop_in_the_chain():
   assert jnp.all(last < 0.1 * first), (first, last)
   assert isinstance(optimizer.opt_state[0], ogd.AggregatorState)
   assert int(optimizer.opt_state[0].count) == 201
+
+
+@pytest.mark.parametrize("seeds", [jnp.arange(3), jax.random.split(jax.random.key(0), 3)])
+def test_multi_seed_runs_under_vmap_build_the_transform_per_seed(seeds):
+  params, task_losses = _problem()
+
+  def run(seed):  # the transform is built inside the vmap, from this seed
+    tx = optax.chain(ogd.graddrop_transform(seed), optax.adam(1e-2))
+    step = _step_fn(tx, task_losses)
+
+    def body(carry, _):
+      params, state, _ = step(*carry)
+      return (params, state), None
+
+    (params_out, state), _ = jax.lax.scan(body, (params, tx.init(params)), length=3)
+    return params_out, state[0].rng_key
+
+  together = jax.jit(jax.vmap(run))(seeds)
+  one_by_one = [jax.jit(run)(seed) for seed in seeds]
+  for index, expected in enumerate(one_by_one):
+    chex.assert_trees_all_close(
+      jax.tree.map(operator.itemgetter(index), together), expected, rtol=1e-5
+    )
+  # Every seed has its own key stream.
+  assert len({tuple(np.asarray(key).tolist()) for _, key in one_by_one}) == len(seeds)
