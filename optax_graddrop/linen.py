@@ -33,8 +33,11 @@ class GradDrop(nn.Module):
 
   Attributes:
     num_tasks: the number of branches ``T``.
-    leak, keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
+    leak, keep, scale, eps, marginalize, preserve_norm: as for
       :func:`optax_graddrop.fork`.
+    batch_axes: as for :func:`optax_graddrop.fork`: every axis the next layer
+      shares its weights across, e.g. ``(0, 1)`` for ``[B, L, D]`` sequences
+      and ``(0, 1, 2)`` for ``[B, H, W, C]`` maps.
     deterministic: default for the call's ``deterministic``.
     rng_collection: the rng stream to draw keys from.
   """

@@ -40,8 +40,11 @@ class GradDrop(nnx.Module):
       (a tuple, list, NumPy or JAX array). A concrete leak is stored as
       Python floats, a static hyperparameter like ``nnx.Dropout``'s rate; a
       leak traced at construction is stored as data.
-    keep, scale, eps, marginalize, batch_axes, preserve_norm: as for
+    keep, scale, eps, marginalize, preserve_norm: as for
       :func:`optax_graddrop.fork`.
+    batch_axes: as for :func:`optax_graddrop.fork`: every axis the next layer
+      shares its weights across, e.g. ``(0, 1)`` for ``[B, L, D]`` sequences
+      and ``(0, 1, 2)`` for ``[B, H, W, C]`` maps.
     deterministic: if True, no GradDrop (and no key needed). Like
       ``nnx.Dropout``'s flag, ``model.train()`` sets it to False and
       ``model.eval()`` to True.
