@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tolerances
 
 import optax_graddrop as ogd
 
@@ -32,6 +33,7 @@ def _inner():
 
 
 @pytest.mark.parametrize("jit", [False, True])
+@jax.default_matmul_precision("highest")  # the two batch shapes take other matmul paths
 def test_accumulated_micro_batches_make_the_whole_batch_update(jit):
   params, x, y, task_losses = _problem()
   whole, accumulated = _inner(), ogd.multi_steps(_inner(), every_k_schedule=MICRO, num_tasks=T)
@@ -48,7 +50,9 @@ def test_accumulated_micro_batches_make_the_whole_batch_update(jit):
       updates, acc_state = update(task_grads, acc_state, acc_params)
       acc_params = optax.apply_updates(acc_params, updates)
     # Same GradDrop key and the whole batch's per-task gradients: same step.
-    chex.assert_trees_all_close(acc_params, whole_params, rtol=1e-5, atol=1e-6)
+    # Sums over the inputs, the features, the batch and the tasks; Adam's
+    # normalised step carries their relative error, not more.
+    tolerances.assert_sums_close(acc_params, whole_params, terms=5 + 8 + BATCH + T)
     np.testing.assert_array_equal(acc_state.inner_state[0].rng_key, whole_state[0].rng_key)
   assert int(acc_state.gradient_step) == 2 and int(acc_state.mini_step) == 0
 

@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+import tolerances
 from flax import nnx
 
 import optax_graddrop as ogd
@@ -33,7 +33,7 @@ def test_reverse_over_reverse_gives_hessian_vector_products():
     return jnp.sum(features**2) - jnp.sum(features)
 
   expected = jax.jvp(jax.grad(plain), (w,), (v,))[1]
-  np.testing.assert_allclose(hvp, expected, rtol=1e-5)
+  tolerances.assert_sums_close(hvp, expected, terms=2 + 3)  # the tasks, the vdot
 
 
 def test_deterministic_layers_allow_forward_mode():
@@ -45,4 +45,4 @@ def test_deterministic_layers_allow_forward_mode():
     return jnp.sum(a**2) - jnp.sum(b)
 
   _, tangent = jax.jvp(model, (x,), (jnp.ones_like(x),))
-  np.testing.assert_allclose(tangent, jnp.sum(2 * x - 1))
+  tolerances.assert_sums_close(tangent, jnp.sum(2 * x - 1), terms=2 + x.size)
