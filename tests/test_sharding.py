@@ -40,9 +40,12 @@ def test_uniforms_do_not_depend_on_the_threefry_partitionable_flag(partitionable
 
 
 _MESH_CHECKS = """
+import sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import AxisType, PartitionSpec as P
 import optax_graddrop as ogd
+sys.path.insert(0, sys.argv[1])  # the tests' folder
+import tolerances
 
 task_grads = jax.random.normal(jax.random.key(0), (3, 16, 64))
 key = jax.random.key(1)
@@ -66,20 +69,20 @@ for types in (AxisType.Explicit, AxisType.Auto):
     assert np.allclose(stats.kept_fraction, expected_stats.kept_fraction, rtol=1e-6), types
     # With a leak XLA may fuse the multiply-adds differently: the last bit.
     out = jax.jit(lambda g, k: ogd.graddrop(g, k, leak=0.25))(sharded, key)
-    assert np.allclose(np.asarray(out), np.asarray(expected_leak), rtol=1e-6, atol=1e-6), types
+    tolerances.assert_sums_close(out, expected_leak, terms=3)
     tx = optax.chain(ogd.graddrop_transform(0), optax.sgd(1.0))
     p = jax.device_put(params, jax.sharding.NamedSharding(mesh, P(None, "x")))
     updates, _ = jax.jit(tx.update)({"w": sharded}, tx.init(p), p)
     assert np.array_equal(np.asarray(updates["w"]), np.asarray(expected_update)), types
     w = jax.device_put({"w": w_stream}, jax.sharding.NamedSharding(mesh, P(None, "x")))
     streamed = jax.jit(ogd.graddrop_value_and_grad(task_losses, key, chunk_size=1))(w)[1]["w"]
-    assert np.allclose(np.asarray(streamed), np.asarray(stream), rtol=1e-5, atol=1e-7), types
+    tolerances.assert_sums_close(streamed, stream, terms=16 + 32 + 3)  # x @ w, the batch, tasks
     print(types, "ok")
 """
 
 
 def test_graddrop_transform_and_streaming_under_explicit_and_auto_meshes():
-  result = _on_8_cpu_devices(["-c", _MESH_CHECKS])
+  result = _on_8_cpu_devices(["-c", _MESH_CHECKS, str(ROOT / "tests")])
   assert result.returncode == 0, result.stdout + result.stderr
   assert "Explicit ok" in result.stdout and "Auto ok" in result.stdout
 
