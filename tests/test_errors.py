@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tolerances
 
 import optax_graddrop as ogd
 
@@ -252,4 +253,5 @@ def test_partition_with_an_aggregator_in_every_part_is_not_an_error():
   keys = [jax.random.split(jax.random.key(seed))[1] for seed in (0, 1)]
   assert updates["w"].shape == (3,)
   np.testing.assert_array_equal(updates["w"], ogd.graddrop(STACKED["w"], keys[0]))
-  np.testing.assert_allclose(updates["b"], ogd.pcgrad(STACKED["b"], keys[1]), rtol=1e-6)
+  # The same projections and sums, however XLA fuses them.
+  tolerances.assert_sums_close(updates["b"], ogd.pcgrad(STACKED["b"], keys[1]), terms=2 + 2)
