@@ -22,12 +22,12 @@ from optax_graddrop._baselines import sum_transform
 from optax_graddrop._core import GradDropStats
 from optax_graddrop._core import Keep
 from optax_graddrop._core import KeepFn
-from optax_graddrop._core import graddrop
 from optax_graddrop._core import keep_fn
-from optax_graddrop._core import sign_masks
 from optax_graddrop._core import sign_purity
 from optax_graddrop._fork import fork
 from optax_graddrop._fork import graddrop_activation
+from optax_graddrop._graddrop import graddrop
+from optax_graddrop._graddrop import sign_masks
 from optax_graddrop._per_task import per_task_value_and_grad
 from optax_graddrop._streaming import graddrop_value_and_grad
 from optax_graddrop._transform import AggregatorState

@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
-from optax_graddrop import _core
+from optax_graddrop import _graddrop
+from optax_graddrop import _layout
+from optax_graddrop import _sums
 from optax_graddrop import _transform
 from optax_graddrop import _validation
 
@@ -34,15 +36,15 @@ def _gram(task_grads: Any) -> jax.Array:
   """
   leaves = jax.tree.leaves(task_grads)
   num_tasks = leaves[0].shape[0]
-  rows = [g.reshape(num_tasks, *_core._work_shape(g, skip=1)) for g in leaves]
-  dtype = _core._compute_dtype(jnp.result_type(*leaves))
+  rows = [g if _layout.explicitly_sharded(g) else g.reshape(num_tasks, -1) for g in leaves]
+  dtype = _sums.compute_dtype(jnp.result_type(*leaves))
   pairs = [(i, j) for i in range(num_tasks) for j in range(i, num_tasks)]
   inner: dict[tuple[int, int], jax.Array] = {}
   for start in range(0, len(pairs), _PRODUCTS_PER_PASS):
     group = pairs[start : start + _PRODUCTS_PER_PASS]
     for r in rows:
       products = [r[i].astype(dtype) * r[j].astype(dtype) for i, j in group]
-      for pair, total in zip(group, _core._sum_all(products, dtype)):
+      for pair, total in zip(group, _sums.sum_all(products, dtype, sharded=_layout.explicitly_sharded(r))):
         inner[pair] = inner[pair] + total if pair in inner else total
   return jnp.stack(
     [jnp.stack([inner[min(i, j), max(i, j)] for j in range(num_tasks)]) for i in range(num_tasks)]
@@ -51,19 +53,19 @@ def _gram(task_grads: Any) -> jax.Array:
 
 def _weighted_sum(task_grads: Any, weights: jax.Array | None = None) -> Any:
   """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype."""
-  return jax.tree.map(lambda g: _core._task_sum(g, weights), task_grads)
+  return jax.tree.map(lambda g: _sums.weighted_sum(g, weights), task_grads)
 
 
 def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
   """``sum_i w_i g_i`` on the leaves ``mask`` selects, ``w = weights_of(Gram)``
   from their inner products; the plain sum on the others."""
-  selected = _validation.mask_leaves(mask, _core._first_task(task_grads))
+  selected = _validation.mask_leaves(mask, _graddrop.first_task(task_grads))
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
   chosen = [leaf for leaf, keep in zip(leaves, selected) if keep]
   weights = weights_of(_gram(chosen)) if chosen else None
   return jax.tree_util.tree_unflatten(
     treedef,
-    [_core._task_sum(leaf, weights if keep else None) for leaf, keep in zip(leaves, selected)],
+    [_sums.weighted_sum(leaf, weights if keep else None) for leaf, keep in zip(leaves, selected)],
   )
 
 

@@ -11,6 +11,7 @@ where parameter-level GradDrop needs ``T`` backward passes.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -20,7 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from optax_graddrop import _core
+from optax_graddrop import _fusion
+from optax_graddrop import _layout
 from optax_graddrop import _random
+from optax_graddrop import _sums
 from optax_graddrop import _validation
 
 Marginalize = Literal["sign", "value"] | None
@@ -94,9 +98,10 @@ def graddrop_activation(
      ``out = sum_i (l_i + (1 - l_i) M_i) g_i`` (eq. 3).
 
   A task whose signal is exactly zero at an element keeps its (then
-  sign-less) cotangent there. Leaf ``k`` of ``features`` draws from
-  ``fold_in(key, k)``, as in :func:`graddrop`; with ``marginalize=None``
-  the result equals ``graddrop`` of the stacked cotangents.
+  sign-less) cotangent there. The leaves' uniforms are one stream drawn from
+  ``key``, one per element of the signals, as in :func:`graddrop`; with
+  ``marginalize=None`` the result equals ``graddrop`` of the stacked
+  cotangents.
 
   Args:
     features: the shared activation ``A``: an array or a pytree of them.
@@ -139,28 +144,54 @@ def graddrop_activation(
         f"`features`, {treedef}."
       )
     cotangent_leaves.append(leaves_i)
-  combined = []
-  for index, (leaf, leaf_key) in enumerate(zip(leaves, _random.leaf_keys(key, len(leaves)))):
-    dtype = _core._compute_dtype(jnp.result_type(leaf))
+  signal_leaves = []
+  for index, leaf in enumerate(leaves):
+    dtype = _sums.compute_dtype(jnp.result_type(leaf))
     grads = [c[index].astype(dtype) for c in cotangent_leaves]
     signals = None
     if marginalize is not None:
       signals = [_signal(leaf, g, marginalize, batch_axes) for g in grads]
-    signal_like = grads[0] if signals is None else signals[0]
-    init = _core._zero_sums(
-      signal_like,
+    signal_leaves.append((grads, signals))
+  # The leaves' uniforms are one stream over the signals, as in graddrop.
+  signal_shapes = [jnp.shape(g[0] if s is None else s[0]) for g, s in signal_leaves]
+  offsets, total_calls = _random.call_offsets([math.prod(shape) for shape in signal_shapes])
+  all_bits = _random.tree_bits(
+    key,
+    total_calls,
+    [
+      ([(offset, _random.num_calls(math.prod(shape)))], math.prod(shape))
+      for offset, shape in zip(offsets, signal_shapes)
+    ],
+  )
+  combined = []
+  for leaf, (grads, signals), shape, bits in zip(leaves, signal_leaves, signal_shapes, all_bits):
+    dtype = grads[0].dtype
+    init = _sums.zeros(
+      grads[0] if signals is None else signals[0],
       grads[0],
       dtype,
       per_task_leak=leak_per_task is not None,
       separate_signals=signals is not None,
     )
-    sums = _core._accumulate(init, grads, leak_per_task, signals)
-    # Marginalised signals are broadcast over the batch: have the bits
-    # computed once rather than per batch element.
-    bits = _random.uniform_bits(leaf_key, signal_like.shape, materialize=signals is not None)
-    out, _ = _core._finish(
-      sums, bits, fn, eps, out_dtype=jnp.result_type(leaf), preserve_norm=preserve_norm
+    sums = _sums.accumulate(init, grads, leak_per_task, signals)
+    bits = bits.reshape(shape)
+    if signals is not None:
+      # Broadcast over the batch: have the uniforms computed once, not per
+      # batch element.
+      (bits,) = _fusion.materialize([bits])
+    done = _core.finish(
+      sums,
+      bits,
+      fn,
+      eps,
+      out_dtype=jnp.result_type(leaf),
+      preserve_norm=preserve_norm,
+      materialize=False,
     )
+    out = done.combined
+    if done.plain is not None:
+      sharded = _layout.explicitly_sharded(out)
+      out = _core.rescale_to_norm(out, done.plain, sharded).astype(jnp.result_type(leaf))
     combined.append(out)
   return jax.tree_util.tree_unflatten(treedef, combined)
 

@@ -1,4 +1,4 @@
-"""Per-element 16-bit uniforms, derived from one key per pytree leaf.
+"""Per-element 16-bit uniforms: one stream for a whole pytree, from one key.
 
 GradDrop compares one uniform U per element with a keep probability. Random
 bits dominate its cost, so each uniform is a 16-bit integer ``b`` with
@@ -7,20 +7,38 @@ bits dominate its cost, so each uniform is a 16-bit integer ``b`` with
 ``U < f`` then holds with probability ``ceil(2**16 f) / 2**16``, which is
 within ``2**-16`` of ``f`` and exact at ``f = 0`` and ``f = 1``.
 
+The stream. The leaves of a pytree take consecutive positions of one stream
+of 16-bit values, in leaf order, each leaf starting at a multiple of 4
+(:func:`call_offsets`). With a threefry key, position ``p`` is half
+``p mod 4`` of ``threefry2x32(key, (0, p div 4))``: the low and high halves of
+its first output word, then of its second. So element ``j`` (row-major) of a
+leaf whose stream starts at call ``c`` takes half ``j mod 4`` of call
+``c + j div 4``: it depends only on the key, the sizes of the leaves before
+it and ``j``, never on how the arrays are sharded, fused, bucketed or on the
+backend. Other key implementations (e.g. ``"rbg"``) draw the same positions
+from ``jax.random.bits(key, (4 C,), uint16)``, ``C`` the stream's calls.
+
 The generator is Threefry-2x32 with 20 rounds (Salmon et al., "Parallel
 random numbers: as easy as 1, 2, 3", SC 2011), the one behind
-``jax.random``, evaluated on global element counters, so the stream does not
-depend on how an array is sharded. ``jax.random``'s own lowering of it on
-XLA:CPU is a rolled loop of five iterations whose state round-trips through
-memory between iterations and is not vectorised; written as one straight
-elementwise expression (:func:`threefry2x32`) the same function is one
-vectorised loop, about 8x faster there. Its values are those of
+``jax.random``. ``jax.random``'s own lowering of it on XLA:CPU is a rolled
+loop of five iterations whose state round-trips through memory between
+iterations and is not vectorised; written as one straight elementwise
+expression (:func:`threefry2x32`) the same function is one vectorised loop,
+about 8x faster there. Its values are those of
 ``jax.extend.random.threefry2x32_p`` (tested).
+
+How the words are computed is the backend's choice: on CPU all of a tree's
+words come from one materialised pass (each word feeds four elements, and a
+fused consumer would otherwise hash it four times); on GPU and TPU they stay
+an expression that XLA fuses into the consumer, where each element hashes
+its own call: arithmetic that is cheap there, and no round trip through
+memory.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
@@ -31,14 +49,29 @@ from optax_graddrop import _fusion
 
 BITS = 16
 SCALE = float(2**BITS)
+HALVES = 4  # 16-bit uniforms per threefry call
 _LOW = np.uint32(2**BITS - 1)
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)
 
+# (first call, number of calls) of each piece of a segment, in order.
+CallRanges = Sequence[tuple[int, int]]
+# (first call, number of calls) -> the two words of each call.
+WordsFn = Callable[[int, int], tuple[jax.Array, jax.Array]]
 
-def leaf_keys(key: jax.Array, num_leaves: int) -> list[jax.Array]:
-  """One independent key per leaf: ``fold_in(key, leaf_index)``."""
-  return [jax.random.fold_in(key, i) for i in range(num_leaves)]
+
+def num_calls(size: int) -> int:
+  """Threefry calls that ``size`` uniforms take: ``ceil(size / 4)``."""
+  return -(-size // HALVES)
+
+
+def call_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+  """Where each leaf's uniforms start in the stream, in calls; and the total."""
+  offsets, total = [], 0
+  for size in sizes:
+    offsets.append(total)
+    total += num_calls(size)
+  return offsets, total
 
 
 def _rotate_left(x: jax.Array, distance: int) -> jax.Array:
@@ -68,64 +101,113 @@ def threefry2x32(
   return x0, x1
 
 
-def _threefry_words(key: jax.Array, count: int) -> tuple[jax.Array, jax.Array]:
-  # Both 32-bit outputs of each call (jax.random.bits XORs them into one
-  # word), on jax.random's partitionable counter layout. They are kept in
-  # memory: fused into a consumer that reads each word four times, the hash
-  # would be computed four times.
-  key_words = jax.random.key_data(key)
-  counts = (jnp.zeros((count,), jnp.uint32), jax.lax.iota(jnp.uint32, count))
-  first, second = _fusion.materialize(threefry2x32((key_words[0], key_words[1]), counts))
-  return first, second
+def _words(key_words: jax.Array, calls: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Both output words of the calls ``calls`` (``uint32``)."""
+  return threefry2x32((key_words[0], key_words[1]), (jnp.zeros_like(calls), calls))
 
 
-def bits_shape(size: int) -> tuple[int, ...]:
-  """The shape in which ``size`` uniforms are cheapest to consume: ``(4, size / 4)``.
+def stream_words(key: jax.Array, low: int, high: int, *, materialize: bool) -> WordsFn:
+  """The words of calls ``low..high-1``, as one expression.
 
-  Row ``r`` of it holds half ``r`` of the threefry calls, so a loop over it
-  reads each call's words contiguously, with no division by ``size / 4``
-  per element (which keeps XLA:CPU's loop vectorised). Sizes not divisible
-  by 4 stay flat.
+  Args:
+    key: a threefry key.
+    low: the first call.
+    high: one past the last call.
+    materialize: compute all the words once, in memory (CPU). Otherwise they
+      stay an expression that XLA fuses into each consumer (GPU, TPU).
+
+  Returns:
+    ``(start, count) -> (first, second)``, the words of calls
+    ``start..start+count-1``.
   """
-  return (4, size // 4) if size % 4 == 0 and size else (size,)
+  calls = jnp.uint32(low) + jax.lax.iota(jnp.uint32, high - low)
+  first, second = _words(jax.random.key_data(key), calls)
+  if materialize:
+    first, second = _fusion.materialize([first, second])
+  return lambda start, count: (
+    first[start - low : start - low + count],
+    second[start - low : start - low + count],
+  )
 
 
-def uniform_bits(key: jax.Array, shape: Sequence[int], *, materialize: bool = False) -> jax.Array:
-  """Uniform integers in ``[0, 2**16)``, one per element of ``shape``.
+def _halves(first: jax.Array, second: jax.Array, size: int) -> jax.Array:
+  """The first ``size`` uniforms of consecutive calls: four per call, in order."""
+  half = jax.lax.broadcasted_iota(jnp.uint32, (first.shape[0], HALVES), 1)
+  words = jnp.where(half < 2, first[:, None], second[:, None])
+  bits = (words >> (BITS * (half % 2))) & _LOW
+  return bits.reshape(-1)[:size]
 
-  With a threefry key and a size divisible by 4, four elements share one
-  threefry call (its two 32-bit words, halved): flat element ``r m + c``
-  (``m`` = size / 4, ``r < 4``) takes half ``r`` of call ``c``. By default
-  the halves are picked with selects, which XLA fuses into the consumer's
-  loop (cheapest when ``shape`` is :func:`bits_shape`). A consumer that
-  broadcasts the bits (activation-level GradDrop, over the batch) would then
-  redo the selects per broadcast element; ``materialize=True`` concatenates
-  the four halves instead (same values), which XLA computes once. Other
-  sizes take one threefry call per element, and other key implementations
-  (e.g. ``"rbg"``) ``jax.random.bits``.
+
+def segment_bits(words: WordsFn, calls: CallRanges, size: int) -> jax.Array:
+  """The uniforms of a segment: the calls of its pieces, concatenated.
+
+  Args:
+    words: where the words come from (:func:`stream_words`).
+    calls: ``(first call, number of calls)`` of each piece, in order.
+    size: the number of uniforms (at most four per call).
+
+  Returns:
+    A ``uint32`` array of shape ``(size,)`` with values in ``[0, 2**16)``.
+  """
+  pieces = [words(start, count) for start, count in calls]
+  first = jnp.concatenate([f for f, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+  second = jnp.concatenate([s for _, s in pieces]) if len(pieces) > 1 else pieces[0][1]
+  return _halves(first, second, size)
+
+
+def tree_bits(
+  key: jax.Array, total_calls: int, segments: Sequence[tuple[CallRanges, int]]
+) -> list[jax.Array]:
+  """The uniforms of several segments of one stream.
+
+  With a threefry key the words are computed as the backend prefers (once
+  for the whole stream on CPU, inline elsewhere); other key implementations
+  draw the stream from ``jax.random.bits``.
+
+  Args:
+    key: a typed PRNG key of shape ``()``.
+    total_calls: the calls in the whole stream.
+    segments: ``(calls, size)`` of each segment, as for :func:`segment_bits`.
+
+  Returns:
+    One flat ``uint32`` array per segment.
+  """
+  if jax.random.key_impl(key) != "threefry2x32":
+    stream = jax.random.bits(key, (HALVES * total_calls,), jnp.uint16).astype(jnp.uint32)
+
+    def from_stream(calls: CallRanges, size: int) -> jax.Array:
+      parts = [stream[HALVES * start : HALVES * (start + count)] for start, count in calls]
+      return (jnp.concatenate(parts) if len(parts) > 1 else parts[0])[:size]
+
+    return [from_stream(calls, size) for calls, size in segments]
+
+  def bits_of(words: WordsFn) -> list[jax.Array]:
+    return [segment_bits(words, calls, size) for calls, size in segments]
+
+  ranges = [(start, start + count) for calls, _ in segments for start, count in calls]
+  low = min((r[0] for r in ranges), default=0)
+  high = max((r[1] for r in ranges), default=0)
+  return jax.lax.platform_dependent(
+    key,
+    cpu=lambda k: bits_of(stream_words(k, low, high, materialize=True)),
+    default=lambda k: bits_of(stream_words(k, low, high, materialize=False)),
+  )
+
+
+def uniform_bits(key: jax.Array, shape: Sequence[int], start: int = 0) -> jax.Array:
+  """Uniform integers in ``[0, 2**16)``: the stream's positions ``4 start``
+  onwards, one per element of ``shape`` (row-major).
 
   Args:
     key: a typed PRNG key of shape ``()``.
     shape: the shape of the result.
-    materialize: build the bits so that XLA computes them once even when
-      the consumer broadcasts them.
+    start: the call the uniforms start at (a leaf's :func:`call_offsets`).
 
   Returns:
     A ``uint32`` array of ``shape`` with i.i.d. values uniform on
     ``{0, ..., 2**16 - 1}``.
   """
-  shape = tuple(shape)
   size = math.prod(shape)
-  if jax.random.key_impl(key) != "threefry2x32":
-    return jax.random.bits(key, shape, jnp.uint16).astype(jnp.uint32)
-  if size % 4:
-    first, _ = _threefry_words(key, size)
-    return (first & _LOW).reshape(shape)
-  count = size // 4
-  first, second = _threefry_words(key, count)
-  if materialize:
-    halves = [first & _LOW, first >> BITS, second & _LOW, second >> BITS]
-    return jnp.concatenate(halves).reshape(shape)
-  half = jax.lax.broadcasted_iota(jnp.uint32, (4, count), 0)
-  words = jnp.where(half < 2, first[None], second[None])
-  return ((words >> (BITS * (half % 2))) & _LOW).reshape(shape)
+  count = num_calls(size)
+  (bits,) = tree_bits(key, start + count, [([(start, count)], size)])
+  return bits.reshape(tuple(shape))

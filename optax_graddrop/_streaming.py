@@ -15,8 +15,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_graddrop import _chunks
 from optax_graddrop import _core
+from optax_graddrop import _graddrop
+from optax_graddrop import _layout
 from optax_graddrop import _per_task
+from optax_graddrop import _sums
 from optax_graddrop import _validation
 
 
@@ -109,19 +113,12 @@ def graddrop_value_and_grad(
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
-    work_shapes = [_core._work_shape(leaf) for leaf in leaves]
-    count_dtype = _core._count_dtype(num_tasks) if return_stats else None
-    init = [
-      _core._zero_sums(
-        jnp.reshape(leaf, work_shape),
-        jnp.reshape(leaf, work_shape),
-        _core._compute_dtype(dtype),
-        per_task_leak=leak_per_task is not None,
-        separate_signals=False,
-        count_dtype=count_dtype,
-      )
-      for leaf, work_shape, dtype in zip(leaves, work_shapes, dtypes)
-    ]
+    segments, total_calls = _layout.plan(
+      shapes,
+      [_sums.compute_dtype(dtype) for dtype in dtypes],
+      [_layout.explicitly_sharded(leaf) for leaf in leaves],
+    )
+    count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
 
     def task_rows(start: Any, size: int) -> list[jax.Array]:
       cotangents = _per_task.task_cotangents(num_tasks, start, size, losses.dtype)
@@ -129,17 +126,33 @@ def graddrop_value_and_grad(
         grads = jax.tree.map(lambda g: g[None], grad_of(cotangents[0]))
       else:
         grads = jax.vmap(grad_of)(cotangents)
-      return [
-        _core._row_major(g).reshape(size, *work_shape).astype(_core._compute_dtype(g.dtype))
-        for g, work_shape in zip(jax.tree_util.tree_leaves(grads), work_shapes)
-      ]
+      return [_graddrop.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
 
+    def add_chunk(sums: Any, start: Any, size: int, in_loop: bool) -> Any:
+      chunk_leak = (
+        None if leak_per_task is None else jax.lax.dynamic_slice_in_dim(leak_per_task, start, size)
+      )
+      sums = _core.segment_sums(segments, task_rows(start, size), chunk_leak, count_dtype, sums)
+      # A loop carry is in memory anyway: have all its fields computed in one pass.
+      return [_sums.materialized(s) for s in sums] if in_loop else sums
+
+    init = [
+      _sums.zeros(
+        zeros,
+        zeros,
+        zeros.dtype,
+        per_task_leak=leak_per_task is not None,
+        counts=count_dtype,
+      )
+      for zeros in _segment_zeros(segments, leaves)
+    ]
     chunk = num_tasks if chunk_size is None else min(chunk_size, num_tasks)
-    sums = _core._sums_in_chunks(init, num_tasks, chunk, task_rows, leak_per_task)
-    result = _core._finish_tree(
+    sums = _chunks.over_chunks(init, num_tasks, chunk, add_chunk)
+    outputs, stats = _core.finish_tree(
+      segments,
       sums,
+      total_calls,
       key,
-      treedef,
       shapes,
       dtypes,
       num_tasks,
@@ -148,10 +161,22 @@ def graddrop_value_and_grad(
       preserve_norm=preserve_norm,
       return_stats=return_stats,
     )
+    grads = jax.tree_util.tree_unflatten(treedef, outputs)
     value = (losses, aux) if has_aux else losses
-    if return_stats:
-      grads, stats = result
-      return value, grads, stats
-    return value, result
+    return (value, grads, stats) if return_stats else (value, grads)
 
   return value_and_graddrop
+
+
+def _segment_zeros(segments: Sequence[_layout.Segment], leaves: Sequence[Any]) -> list[jax.Array]:
+  """Zeros shaped (and, for an explicitly sharded leaf, sharded) like each
+  segment, in its compute dtype."""
+  zeros = []
+  for segment in segments:
+    members = [leaves[i] for i in segment.leaves]
+    dtype = _sums.compute_dtype(jnp.result_type(*members))
+    if segment.sharded:
+      zeros.append(jnp.zeros_like(members[0], dtype))
+    else:
+      zeros.append(jnp.zeros(segment.shape, dtype))
+  return zeros

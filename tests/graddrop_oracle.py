@@ -3,8 +3,12 @@
 Chen et al., NeurIPS 2020, https://arxiv.org/abs/2010.06808, with the
 library's documented conventions: where the task gradients of a scalar do
 not have both signs (or one is not finite) every mask is 1, and a zero
-entry is kept. It draws no randomness of its own: the uniforms are the
-library's, from ``optax_graddrop._random.uniform_bits`` of the leaf's key.
+entry is kept. Its uniforms follow the library's documented stream
+(``optax_graddrop._random``), computed here independently: the leaves take
+consecutive positions, each starting at a multiple of 4, and position ``p``
+is half ``p mod 4`` of JAX's own ``threefry2x32`` primitive at counter
+``(0, p div 4)`` (the low and high halves of the first word, then of the
+second); other key implementations take ``jax.random.bits``.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-
-from optax_graddrop import _random
+from jax.extend.random import threefry2x32_p
 
 KEEP_FUNCTIONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
   "linear": lambda purity, scale: 0.5 + scale * (purity - 0.5),
@@ -25,10 +29,28 @@ KEEP_FUNCTIONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 }
 
 
-def uniforms(key: jax.Array, leaf_index: int, shape: Sequence[int]) -> np.ndarray:
-  """``U`` of one leaf: the library's 16-bit uniforms for ``fold_in(key, index)``."""
-  bits = _random.uniform_bits(jax.random.fold_in(key, leaf_index), tuple(shape))
-  return np.asarray(bits, np.float64) / 2**16
+def uniforms(key: jax.Array, shapes: Sequence[Sequence[int]]) -> list[np.ndarray]:
+  """``U`` of every leaf (shapes without the task axis), from the one stream."""
+  sizes = [math.prod(shape) for shape in shapes]
+  calls = [-(-size // 4) for size in sizes]
+  total = sum(calls)
+  if jax.random.key_impl(key) == "threefry2x32":
+    counters = np.arange(total, dtype=np.uint32)
+    key_words = np.asarray(jax.random.key_data(key))
+    words = threefry2x32_p.bind(
+      *(jnp.full(total, w, jnp.uint32) for w in key_words),
+      jnp.zeros(total, jnp.uint32),
+      jnp.asarray(counters),
+    )
+    first, second = (np.asarray(w, np.uint64) for w in words)
+    stream = np.stack([first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16], 1).reshape(-1)
+  else:
+    stream = np.asarray(jax.random.bits(key, (4 * total,), jnp.uint16), np.uint64)
+  result, start = [], 0
+  for shape, size, count in zip(shapes, sizes, calls):
+    result.append(stream[4 * start : 4 * start + size].reshape(shape) / 2**16)
+    start += count
+  return result
 
 
 def masks_leaf(
@@ -56,11 +78,11 @@ def masks(
   scale: float = 1.0,
   eps: float = 0.0,
 ) -> list[np.ndarray]:
-  """The masks of every leaf ``[T, ...]``, leaf ``k`` drawing from ``fold_in(key, k)``."""
+  """The masks of every leaf ``[T, ...]``."""
   fn = _keep_function(keep, scale)
   return [
-    masks_leaf(leaf, uniforms(key, index, leaf.shape[1:]), fn, eps)
-    for index, leaf in enumerate(leaves)
+    masks_leaf(leaf, u, fn, eps)
+    for leaf, u in zip(leaves, uniforms(key, [leaf.shape[1:] for leaf in leaves]))
   ]
 
 
