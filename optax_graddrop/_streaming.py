@@ -37,6 +37,7 @@ def graddrop_value_and_grad(
   eps: float = 0.0,
   preserve_norm: bool = False,
   return_stats: bool = False,
+  mask: Any = None,
 ) -> Callable[..., Any]:
   """Like ``jax.value_and_grad``, with GradDrop combining the task gradients.
 
@@ -75,6 +76,9 @@ def graddrop_value_and_grad(
     eps: as for :func:`graddrop`.
     preserve_norm: as for :func:`graddrop`.
     return_stats: also return :class:`GradDropStats`.
+    mask: as for :func:`graddrop`, matched to the differentiated argument(s)
+      by key path; leaves where it is False get the plain sum of their task
+      gradients (and do not count in the diagnostics).
 
   Returns:
     A function with ``fun``'s signature returning ``(losses, grads)``,
@@ -85,6 +89,8 @@ def graddrop_value_and_grad(
   Raises:
     ValueError, TypeError: for options that do not fit the above, or a
       ``fun`` that does not return a 1-D float vector.
+    TypeError: a differentiated leaf that is not a real float array (e.g. an
+      NNX model's rng key); the message says what to pass.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -110,6 +116,8 @@ def graddrop_value_and_grad(
     num_tasks = losses.shape[0]
     leak_per_task = _validation.check_leak(leak, num_tasks)
     primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    _validation.check_differentiable(primal, name=f"args[{argnums}]")
+    selected = _validation.mask_leaves(mask, primal)
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
@@ -117,6 +125,7 @@ def graddrop_value_and_grad(
       shapes,
       [_sums.compute_dtype(dtype) for dtype in dtypes],
       [_layout.explicitly_sharded(leaf) for leaf in leaves],
+      selected,
     )
     count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
 
@@ -128,13 +137,19 @@ def graddrop_value_and_grad(
         grads = jax.vmap(grad_of)(cotangents)
       return [_graddrop.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
 
-    def add_chunk(sums: Any, start: Any, size: int, in_loop: bool) -> Any:
+    def add_chunk(acc: Any, start: Any, size: int, in_loop: bool) -> Any:
+      sums, plain = acc
+      rows = task_rows(start, size)
       chunk_leak = (
         None if leak_per_task is None else jax.lax.dynamic_slice_in_dim(leak_per_task, start, size)
       )
-      sums = _core.segment_sums(segments, task_rows(start, size), chunk_leak, count_dtype, sums)
-      # A loop carry is in memory anyway: have all its fields computed in one pass.
-      return [_sums.materialized(s) for s in sums] if in_loop else sums
+      sums = _core.segment_sums(segments, rows, chunk_leak, count_dtype, sums)
+      # Leaves outside the mask: the plain sum of their task gradients.
+      plain = {i: p + rows[i].astype(p.dtype).sum(0) for i, p in plain.items()}
+      if in_loop:
+        # A loop carry is in memory anyway: have all its fields computed in one pass.
+        sums = [_sums.materialized(s) for s in sums]
+      return sums, plain
 
     init = [
       _sums.zeros(
@@ -146,8 +161,13 @@ def graddrop_value_and_grad(
       )
       for zeros in _segment_zeros(segments, leaves)
     ]
+    plain = {
+      i: jnp.zeros(shapes[i], _sums.compute_dtype(dtypes[i]))
+      for i, chosen in enumerate(selected)
+      if not chosen
+    }
     chunk = num_tasks if chunk_size is None else min(chunk_size, num_tasks)
-    sums = _chunks.over_chunks(init, num_tasks, chunk, add_chunk)
+    sums, plain = _chunks.over_chunks((init, plain), num_tasks, chunk, add_chunk)
     outputs, stats = _core.finish_tree(
       segments,
       sums,
@@ -160,6 +180,7 @@ def graddrop_value_and_grad(
       eps,
       preserve_norm=preserve_norm,
       return_stats=return_stats,
+      plain={i: p.astype(dtypes[i]) for i, p in plain.items()},
     )
     grads = jax.tree_util.tree_unflatten(treedef, outputs)
     value = (losses, aux) if has_aux else losses

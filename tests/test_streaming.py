@@ -224,3 +224,51 @@ def test_scaling_the_losses_scales_the_result_exactly(k, chunk_size):
   )(params, x, y)
   chex.assert_trees_all_equal(scaled, jax.tree.map(lambda g: g * 2.0**k, grads))
   chex.assert_trees_all_equal(scaled_stats, stats)
+
+
+@jax.default_matmul_precision("highest")
+@pytest.mark.parametrize("chunk_size", [None, 1, 2])
+def test_mask_gives_the_plain_sum_outside_it(chunk_size):
+  x = jax.random.normal(jax.random.key(20), (12, 5))
+  targets = jax.random.normal(jax.random.key(21), (3, 12))
+
+  def task_losses(params):
+    features = jnp.tanh(x @ params["trunk"])
+    return jnp.mean((features @ params["heads"] - targets.T) ** 2, axis=0)
+
+  params = {
+    "trunk": jax.random.normal(jax.random.key(22), (5, 7)),
+    "heads": jax.random.normal(jax.random.key(23), (7, 3)),
+  }
+  mask = {"trunk": True, "heads": False}
+  key = jax.random.key(24)
+  _, task_grads = ogd.per_task_value_and_grad(task_losses)(params)
+  expected, expected_stats = ogd.graddrop(task_grads, key, mask=mask, return_stats=True)
+  step = ogd.graddrop_value_and_grad(
+    task_losses, key, chunk_size=chunk_size, mask=mask, return_stats=True
+  )
+  _, grads, stats = jax.jit(step)(params)
+  tolerances.assert_sums_close(grads, expected, terms=12 + 5 + 7 + 3)
+  tolerances.assert_sums_close(grads["heads"], task_grads["heads"].sum(0), terms=12 + 5 + 7 + 3)
+  np.testing.assert_allclose(stats.conflict_fraction, expected_stats.conflict_fraction)
+
+
+def test_a_module_with_rng_state_gets_a_clear_error():
+  from flax import nnx
+
+  class DropoutNet(nnx.Module):
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(4, 6, rngs=rngs)
+      self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.dropout(self.trunk(x))
+
+  model = DropoutNet(nnx.Rngs(0))
+
+  def task_losses(model):
+    out = model(jnp.ones((2, 4)))
+    return jnp.stack([out.sum(), (out**2).sum()])
+
+  with pytest.raises(TypeError, match=r"`args\[0\]\.dropout\.rngs\..*nnx.split\(model, nnx.Param"):
+    ogd.graddrop_value_and_grad(task_losses, jax.random.key(0))(model)
