@@ -53,6 +53,8 @@ HALVES = 4  # 16-bit uniforms per threefry call
 _LOW = np.uint32(2**BITS - 1)
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 _KEY_PARITY = np.uint32(0x1BD11BDA)
+# The words of a stream are computed for a multiple of this many calls.
+_ALIGN_CALLS = 64
 
 # (first call, number of calls) of each piece of a segment, in order.
 CallRanges = Sequence[tuple[int, int]]
@@ -120,7 +122,11 @@ def stream_words(key: jax.Array, low: int, high: int, *, materialize: bool) -> W
     ``(start, count) -> (first, second)``, the words of calls
     ``start..start+count-1``.
   """
-  calls = jnp.uint32(low) + jax.lax.iota(jnp.uint32, high - low)
+  # XLA:CPU runs an elementwise loop whose length is not a multiple of the
+  # vector width several times slower (measured 10x for 2,500,001 calls
+  # against 2,500,000 or 2,500,008): hash a few unused calls instead.
+  count = -(-(high - low) // _ALIGN_CALLS) * _ALIGN_CALLS
+  calls = jnp.uint32(low) + jax.lax.iota(jnp.uint32, count)
   first, second = _words(jax.random.key_data(key), calls)
   if materialize:
     first, second = _fusion.materialize([first, second])
