@@ -34,9 +34,9 @@ def canonical_convolutions(fun: Callable[..., Any]) -> Callable[..., Any]:
 
   The result equals ``fun``'s to float rounding (the same products, summed
   by another kernel); only the layouts of the convolutions' operands change.
-  Convolutions inside a nested ``jit`` are rewritten too; those inside other
-  higher-order primitives (``scan``, ``cond``, ``while_loop``, ``remat``)
-  are left as they are.
+  Convolutions inside a nested ``jit`` or ``jax.checkpoint`` are rewritten
+  too; those inside other higher-order primitives (``scan``, ``cond``,
+  ``while_loop``) are left as they are, as XLA leaves them.
 
   Args:
     fun: a function of arrays (pytrees of them) returning a pytree of arrays.
@@ -70,16 +70,26 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
       elif eqn.primitive.name == "jit":
         inner = eqn.params["jaxpr"]
         outputs = _eval(inner.jaxpr, inner.consts, inputs)
+      elif eqn.primitive.name == "remat2":  # jax.checkpoint
+        outputs = _bind(eqn, inputs, jaxpr=_rewritten_jaxpr(eqn.params["jaxpr"], inputs))
       else:
         outputs = _bind(eqn, inputs)
     env.update(zip(eqn.outvars, outputs))
   return [read(var) for var in jaxpr.outvars]
 
 
-def _bind(eqn: Any, inputs: Sequence[Any]) -> list[Any]:
+def _rewritten_jaxpr(jaxpr: Any, inputs: Sequence[Any]) -> Any:
+  """``jaxpr`` (closed over nothing) with its convolutions rewritten."""
+  closed = jax.make_jaxpr(lambda *args: _eval(jaxpr, (), args))(*inputs)
+  # The rewrite adds transposes only, never constants.
+  assert not closed.consts, closed.consts
+  return closed.jaxpr
+
+
+def _bind(eqn: Any, inputs: Sequence[Any], **replaced: Any) -> list[Any]:
   # As `jax.core.eval_jaxpr` binds: `get_bind_params` gave `(subfuns, params)`
   # in older jax versions and gives `params` in newer ones.
-  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  bind_params = eqn.primitive.get_bind_params({**eqn.params, **replaced})
   subfuns, params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
   outputs = eqn.primitive.bind(*subfuns, *inputs, **params)
   return list(outputs) if eqn.primitive.multiple_results else [outputs]

@@ -102,26 +102,39 @@ def test_under_vmap_and_grad():
   )
 
 
-def test_nested_jit_is_rewritten_and_other_primitives_pass_through():
+def _nested_conv_specs(jaxpr):
+  """Dimension numbers of the convolutions in ``jaxpr`` and its ``jit`` and ``checkpoint`` calls."""
+  specs = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      specs.append(eqn.params["dimension_numbers"])
+    elif eqn.primitive.name in ("jit", "remat2"):
+      inner = eqn.params["jaxpr"]
+      specs += _nested_conv_specs(getattr(inner, "jaxpr", inner))
+  return specs
+
+
+def test_jit_and_checkpoint_are_rewritten_other_primitives_pass_through():
   lhs_shape, rhs_shape, dimension_numbers, options = _CONVS["NCHW dilated"]
   lhs, rhs = _operands(lhs_shape, rhs_shape)
-  inner = jax.jit(functools.partial(_conv, dimension_numbers=dimension_numbers, **options))
+  conv = functools.partial(_conv, dimension_numbers=dimension_numbers, **options)
 
-  def fun(lhs, rhs):
-    out = jax.nn.relu(inner(lhs, rhs))  # a custom_jvp inside a jit
+  def loss(lhs, rhs):
+    out = jax.nn.relu(jax.jit(conv)(lhs, rhs)) + jax.checkpoint(conv)(lhs, rhs)
     out = lax.cond(out.sum() > 0, jnp.sin, jnp.cos, out)
     total, _ = lax.scan(lambda c, row: (c + row.sum(), None), 0.0, out)
     with jax.named_scope("scaled"):
-      return jax.checkpoint(lambda o: o * total)(out)
+      return total
 
-  rewritten = _cpu_conv.canonical_convolutions(fun)
-  tolerances.assert_sums_close(rewritten(lhs, rhs), fun(lhs, rhs), terms=lhs.size)
-  chex.assert_trees_all_equal(
-    jax.eval_shape(jax.grad(lambda r: rewritten(lhs, r).sum()), rhs),
-    jax.eval_shape(lambda r: r, rhs),
-  )
-  # The jit is inlined, its convolution rewritten.
-  assert [_canonical(spec) for spec in _conv_specs(rewritten, lhs, rhs)] == [True]
+  grads = jax.grad(loss, argnums=(0, 1))
+  rewritten = _cpu_conv.canonical_convolutions(grads)
+  tolerances.assert_sums_close(jax.jit(rewritten)(lhs, rhs), grads(lhs, rhs), terms=lhs.size)
+  before = _nested_conv_specs(jax.make_jaxpr(grads)(lhs, rhs).jaxpr)
+  after = _nested_conv_specs(jax.make_jaxpr(rewritten)(lhs, rhs).jaxpr)
+  # Forward and backward (input and kernel gradients) of both convolutions.
+  assert len(before) == len(after) == 6
+  assert not any(_canonical(spec) for spec in before)
+  assert all(_canonical(spec) for spec in after)
 
 
 def test_canonical_convolutions_are_left_alone():
