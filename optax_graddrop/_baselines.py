@@ -6,48 +6,92 @@ inner products over the WHOLE pytree (all leaves jointly), as the original
 methods do over the flattened shared parameters; both work on the ``T x T``
 Gram matrix, so their cost beyond the Gram matrix does not grow with the
 number of parameters.
+
+The traced program does not grow with ``T`` either: the Gram matrix is
+matrix products, PCGrad's projections a ``vmap`` over the tasks of a
+``scan`` over the other tasks, MGDA a vectorised search over pairs of tasks
+followed by Frank-Wolfe steps in a ``while_loop``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from optax.experimental import aggregating
 
+from optax_graddrop import _chunks
 from optax_graddrop import _graddrop
 from optax_graddrop import _layout
 from optax_graddrop import _sums
 from optax_graddrop import _transform
 from optax_graddrop import _validation
 
-# Inner products computed per pass over the task gradients: more would not
-# fit in registers (measured on XLA:CPU).
-_PRODUCTS_PER_PASS = 16
+# Inner products are float32 sums whatever the backend's default for matrix
+# products (TF32 on recent GPUs, which would be wrong in the 4th digit).
+_HIGHEST = jax.lax.Precision.HIGHEST
+# XLA:CPU multiplies the task gradients in column chunks of about this many
+# entries (``T x columns``, 2 MiB of float32) that stay in cache, between
+# these bounds on the columns; one product over a whole ``[T, N]`` stack is
+# several times slower there.
+_CHUNK_ENTRIES = 2**19
+_CHUNK_COLUMNS = (2**10, 2**16)
+
+
+def _inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
+  """``rows @ rows.T`` over all axes but the first, in ``dtype``, unsharded."""
+  axes = tuple(range(1, rows.ndim))
+  sharding = None
+  if _layout.explicitly_sharded(rows):
+    # Contracting sharded axes needs the result's sharding: every device gets
+    # the whole (small) matrix.
+    sharding = jax.typeof(rows).sharding.update(spec=jax.sharding.PartitionSpec())
+  return jax.lax.dot_general(
+    rows,
+    rows,
+    ((axes, axes), ((), ())),
+    precision=_HIGHEST,
+    preferred_element_type=dtype,
+    out_sharding=sharding,
+  )
+
+
+def _chunked_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
+  """:func:`_inner_products` summed over column chunks that fit in cache."""
+  if _layout.explicitly_sharded(rows):
+    return _inner_products(rows, dtype)
+  num_tasks = rows.shape[0]
+  flat = rows.reshape(num_tasks, -1)
+  low, high = _CHUNK_COLUMNS
+  columns = min(max(low, _CHUNK_ENTRIES // num_tasks), high)
+  if flat.shape[1] <= columns:
+    return _inner_products(flat, dtype)
+
+  def add_chunk(gram: jax.Array, start: Any, size: int, in_loop: bool) -> jax.Array:
+    del in_loop
+    return gram + _inner_products(jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1), dtype)
+
+  zeros = jnp.zeros((num_tasks, num_tasks), dtype)
+  return _chunks.over_chunks(zeros, flat.shape[1], columns, add_chunk)
 
 
 def _gram(task_grads: Any) -> jax.Array:
   """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider.
 
-  Computed as fused sums of elementwise products (``_PRODUCTS_PER_PASS``
-  per pass over the gradients); XLA:CPU's matrix product ``g @ g.T`` of a
-  ``[T, N]`` stack is many times slower.
+  One matrix product per leaf; on CPU, a loop of products over column chunks
+  (:func:`_chunked_inner_products`). Both are plain functions of the leaves,
+  so tests call each on any backend.
   """
   leaves = jax.tree.leaves(task_grads)
-  num_tasks = leaves[0].shape[0]
-  rows = [g if _layout.explicitly_sharded(g) else g.reshape(num_tasks, -1) for g in leaves]
   dtype = _sums.compute_dtype(jnp.result_type(*leaves))
-  pairs = [(i, j) for i in range(num_tasks) for j in range(i, num_tasks)]
-  inner: dict[tuple[int, int], jax.Array] = {}
-  for start in range(0, len(pairs), _PRODUCTS_PER_PASS):
-    group = pairs[start : start + _PRODUCTS_PER_PASS]
-    for r in rows:
-      products = [r[i].astype(dtype) * r[j].astype(dtype) for i, j in group]
-      for pair, total in zip(group, _sums.sum_all(products, dtype, sharded=_layout.explicitly_sharded(r))):
-        inner[pair] = inner[pair] + total if pair in inner else total
-  return jnp.stack(
-    [jnp.stack([inner[min(i, j), max(i, j)] for j in range(num_tasks)]) for i in range(num_tasks)]
+
+  def gram_of(product: Any) -> Any:
+    return lambda *leaves: sum(product(leaf, dtype) for leaf in leaves)
+
+  return jax.lax.platform_dependent(
+    *leaves, cpu=gram_of(_chunked_inner_products), default=gram_of(_inner_products)
   )
 
 
@@ -101,37 +145,80 @@ def mean_tasks(task_grads: Any) -> Any:
   return _weighted_sum(task_grads, jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
 
 
+def _projection_orders(key: jax.Array, num_tasks: int) -> jax.Array:
+  """``orders[i]``: the tasks other than ``i``, in the order PCGrad projects
+  task ``i``'s gradient off them; ``int32 [T, T - 1]``.
+
+  Row ``i`` is ``jax.random.permutation(keys[i], others)`` with ``keys =
+  jax.random.split(key, T)`` and ``others`` the tasks other than ``i`` in
+  increasing order: a loop over ``i`` (``lax.map``, which compiles the
+  permutation once and gives a Python loop's orders for every key
+  implementation).
+  """
+  keys = jax.random.split(key, num_tasks)
+  positions = jnp.arange(num_tasks - 1, dtype=jnp.int32)
+  others = positions + (positions >= jnp.arange(num_tasks, dtype=jnp.int32)[:, None])
+  return jax.lax.map(lambda row: jax.random.permutation(*row), (keys, others))
+
+
 def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   """PCGrad's result as weights on the original task gradients.
 
-  Every projected ``g_i'`` is a linear combination ``sum_k A[i, k] g_k`` of
-  the originals, so PCGrad runs on the Gram matrix alone: projecting ``g_i'``
-  off a conflicting ``g_j`` subtracts ``(<g_i', g_j> / |g_j|^2) e_j`` from
-  ``A[i]``. The output ``sum_i g_i'`` is ``sum_k w_k g_k`` with ``w = 1^T A``.
+  Every projected ``g_i'`` is a linear combination ``g_i - sum_j c[i, j] g_j``
+  of the originals, so PCGrad runs on the Gram matrix alone: projecting
+  ``g_i'`` off a conflicting ``g_j`` sets ``c[i, j] = <g_i', g_j> / |g_j|^2``
+  and subtracts ``c[i, j] G[j]`` from the inner products ``<g_i', g_k>``.
+  The output ``sum_i g_i'`` is ``sum_k w_k g_k`` with ``w_k = 1 - sum_i
+  c[i, k]``. The tasks are projected in parallel (a ``vmap``), each over the
+  others in sequence (a ``scan``), so the program does not grow with ``T``;
+  the work is ``O(T^3)``.
+
+  Orders: task ``i`` meets the others in the order
+  ``jax.random.permutation(keys[i], others)``, ``keys = jax.random.split(key,
+  T)``, ``others`` the other tasks in increasing order, for every key
+  implementation; the same with and without ``jax.jit``.
+
+  Derivatives are those of this computation: where no inner product is zero
+  or on the edge of a conflict, the weights are a smooth function of the
+  Gram matrix and ``jax.grad`` and ``jax.jvp`` differentiate it.
 
   Args:
     gram: the ``T x T`` Gram matrix of the task gradients.
     key: draws, for every task, a random order of the other tasks.
 
   Returns:
-    The weights ``w`` of shape ``(T,)``.
+    The weights ``w`` of shape ``(T,)``, in ``gram``'s dtype.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_graddrop import pcgrad_weights
+    >>> pcgrad_weights(jnp.array([[1.0, -1.0], [-1.0, 2.0]]), jax.random.key(0))
+    Array([2. , 1.5], dtype=float32)
   """
   num_tasks = gram.shape[0]
-  keys = jax.random.split(key, num_tasks)
-  coefficients = jnp.eye(num_tasks, dtype=gram.dtype)
-  for i in range(num_tasks):
-    others = jnp.array([j for j in range(num_tasks) if j != i], jnp.int32)
-    order = jax.random.permutation(keys[i], others) if num_tasks > 1 else others
-    row = coefficients[i]
-    for step in range(num_tasks - 1):
-      j = order[step]
-      dot = row @ gram[:, j]
-      norm_sq = gram[j, j]
+  if num_tasks == 1:
+    return jnp.ones((1,), gram.dtype)
+  orders = _projection_orders(key, num_tasks)
+  norms = jnp.diagonal(gram)
+
+  tasks = jnp.arange(num_tasks)
+
+  def project(inner: jax.Array, order: jax.Array) -> jax.Array:
+    """``c[i]`` of one task ``i``, from its inner products ``inner = G[i]``."""
+
+    def off(
+      carry: tuple[jax.Array, jax.Array], other: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], None]:
+      inner, coefficients = carry
+      dot, norm_sq = inner[other], norms[other]
       # Project only on a real conflict with a non-zero gradient.
-      factor = jnp.where((dot < 0) & (norm_sq > 0), dot / jnp.where(norm_sq > 0, norm_sq, 1), 0)
-      row = row - factor * jax.nn.one_hot(j, num_tasks, dtype=gram.dtype)
-    coefficients = coefficients.at[i].set(row)
-  return coefficients.sum(0)
+      conflict = (dot < 0) & (norm_sq > 0)
+      factor = jnp.where(conflict, dot / jnp.where(conflict, norm_sq, 1), 0)
+      return (inner - factor * gram[other], jnp.where(tasks == other, factor, coefficients)), None
+
+    return jax.lax.scan(off, (inner, jnp.zeros_like(inner)), order)[0][1]
+
+  return 1 - jax.vmap(project)(gram, orders).sum(0)
 
 
 def pcgrad(task_grads: Any, key: jax.Array, *, mask: Any = None) -> Any:
@@ -141,7 +228,13 @@ def pcgrad(task_grads: Any, key: jax.Array, *, mask: Any = None) -> Any:
   ``key``), ``g_i' <- g_i' - (<g_i', g_j> / |g_j|^2) g_j`` whenever
   ``<g_i', g_j> < 0``; the result is ``sum_i g_i'``. Inner products are
   over the whole pytree. Gradients without conflicts pass unchanged (their
-  sum).
+  sum). The result is ``sum_k w_k g_k`` with the weights of
+  :func:`pcgrad_weights` (which says how the orders are drawn), computed
+  from the Gram matrix of the task gradients.
+
+  Derivatives: ``jax.grad`` and ``jax.jvp`` differentiate the weights too
+  (the derivative of the whole computation, which is smooth wherever no
+  inner product sits exactly on the edge of a conflict).
 
   Args:
     task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
@@ -167,68 +260,161 @@ def pcgrad(task_grads: Any, key: jax.Array, *, mask: Any = None) -> Any:
   return _combine_masked(task_grads, mask, lambda gram: pcgrad_weights(gram, key))
 
 
-def mgda_weights(gram: jax.Array, num_iterations: int = 100) -> jax.Array:
+def _segment_min(aa: jax.Array, ab: jax.Array, bb: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``gamma`` minimising ``|gamma a + (1 - gamma) b|^2`` from the inner
+  products ``aa = <a, a>``, ``ab``, ``bb`` (elementwise); and that squared norm."""
+  denominator = aa - 2 * ab + bb
+  gamma = jnp.clip((bb - ab) / jnp.where(denominator > 0, denominator, 1), 0, 1)
+  gamma = jnp.where(denominator > 0, gamma, jnp.where(aa < bb, 1.0, 0.0))
+  return gamma, gamma**2 * aa + 2 * gamma * (1 - gamma) * ab + (1 - gamma) ** 2 * bb
+
+
+def _best_pair(gram: jax.Array) -> jax.Array:
+  """The weights of the minimum-norm point over all segments ``[g_i, g_j]``.
+
+  All pairs at once; ties go to the first pair ``i < j`` in row-major order.
+  """
+  num_tasks = gram.shape[0]
+  norms = jnp.diagonal(gram)
+  gamma, norm_sq = _segment_min(norms[:, None], gram, norms)
+  tasks = jnp.arange(num_tasks)
+  i, j = jnp.divmod(jnp.argmin(jnp.where(tasks[:, None] < tasks, norm_sq, jnp.inf)), num_tasks)
+  return jnp.zeros(num_tasks, gram.dtype).at[i].add(gamma[i, j]).at[j].add(1 - gamma[i, j])
+
+
+def _pairwise_frank_wolfe(gram: jax.Array, weights: jax.Array, max_steps: int) -> jax.Array:
+  """Minimises ``w^T G w`` over the simplex by pairwise Frank-Wolfe steps.
+
+  Each step moves weight from the task with non-zero weight whose gradient
+  has the largest inner product with ``d = sum_k w_k g_k`` to the task with
+  the smallest, by exact line search; a step that empties a task sets its
+  weight to exactly 0. It stops when the duality gap ``<d, d> - min_i <g_i,
+  d>`` is within rounding (``T`` ulps of the largest ``|g_i|^2``), or after
+  ``max_steps`` steps.
+  """
+  tolerance = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.diagonal(gram))
+
+  def inner(weights: jax.Array) -> jax.Array:
+    return jnp.matmul(gram, weights, precision=_HIGHEST)  # <g_i, d> for every i
+
+  def not_done(state: tuple[Any, jax.Array, jax.Array]) -> jax.Array:
+    step, weights, products = state
+    return (step < max_steps) & (weights @ products - jnp.min(products) > tolerance)
+
+  def pairwise_step(state: tuple[Any, jax.Array, jax.Array]) -> tuple[Any, jax.Array, jax.Array]:
+    step, weights, products = state
+    toward = jnp.argmin(products)
+    away = jnp.argmax(jnp.where(weights > 0, products, -jnp.inf))
+    slope = products[toward] - products[away]
+    curvature = gram[toward, toward] - 2 * gram[toward, away] + gram[away, away]
+    gamma = jnp.clip(-slope / jnp.where(curvature > 0, curvature, 1), 0, weights[away])
+    gamma = jnp.where(curvature > 0, gamma, 0)
+    weights = weights.at[toward].add(gamma).at[away].add(-gamma)
+    return step + 1, weights, inner(weights)
+
+  return jax.lax.while_loop(not_done, pairwise_step, (0, weights, inner(weights)))[1]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _min_norm_weights(gram: jax.Array, max_steps: int) -> jax.Array:
+  num_tasks = gram.shape[0]
+  if num_tasks == 1:
+    return jnp.ones((1,), gram.dtype)
+  weights = _best_pair(gram)
+  if num_tasks == 2:
+    return weights
+  return _pairwise_frank_wolfe(gram, weights, max_steps)
+
+
+@_min_norm_weights.defjvp
+def _min_norm_weights_jvp(
+  max_steps: int, primals: tuple[jax.Array], tangents: tuple[jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+  """The derivative of the exact minimum-norm weights (not of the solver's steps).
+
+  With ``S`` the tasks of non-zero weight, the optimum satisfies ``G_S w_S
+  = lambda 1`` and ``sum w_S = 1``; differentiating gives ``G_S dw_S +
+  (dG w)_S = dlambda 1``, ``sum dw_S = 0`` and ``dw = 0`` off ``S``. The
+  system is solved with a pseudo-inverse, which also covers affinely
+  dependent gradients (there the weights are not unique but ``d`` is).
+  """
+  (gram,), (gram_dot,) = primals, tangents
+  weights = _min_norm_weights(gram, max_steps)
+  # The weights do not change when G is scaled; scaling it to O(1) keeps the
+  # pseudo-inverse's cutoff relative to G's own scale.
+  scale = jnp.max(jnp.diagonal(gram))
+  scale = jnp.where(scale > 0, scale, 1)
+  active = weights > 0
+  on = active.astype(gram.dtype)
+  block = jnp.where(active[:, None] & active, gram / scale, 0) + jnp.diag(1 - on)
+  kkt = jnp.block([[block, on[:, None]], [on[None, :], jnp.zeros((1, 1), gram.dtype)]])
+  change = jnp.matmul(gram_dot + gram_dot.T, weights, precision=_HIGHEST) / (2 * scale)
+  rhs = jnp.append(-on * change, 0)
+  return weights, jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=_HIGHEST)[:-1]
+
+
+def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Array:
   """Weights of the minimum-norm point of the convex hull of the gradients.
 
   Minimises ``w^T G w`` over the simplex: the closed form for two tasks;
-  otherwise Frank-Wolfe with exact line search (Sener & Koltun 2018's
-  solver) from the best pair of tasks.
+  otherwise pairwise Frank-Wolfe steps with exact line search (Lacoste-Julien
+  & Jaggi 2015; Sener & Koltun 2018 use plain Frank-Wolfe steps, which
+  converge slowly when many tasks share the optimum) from the best pair of
+  tasks, until the duality gap ``<d, d> - min_i <g_i, d>`` (``d = sum_k w_k
+  g_k``) is within ``T`` ulps of the largest ``|g_i|^2``. The pair search is
+  vectorised over the ``T x T`` matrix and the steps run in a
+  ``while_loop``, so the program does not grow with ``T``.
+
+  Derivatives (``jax.grad``, ``jax.jvp``) are those of the exact minimum-norm
+  weights, from its optimality conditions on the tasks of non-zero weight
+  (implicit differentiation), not of the solver's steps: the derivative of
+  the result once the solver has converged, at any number of steps. Each
+  costs a pseudo-inverse of size ``T + 1``. At a change of the set of tasks
+  with non-zero weight the weights have a kink.
 
   Args:
-    gram: the ``T x T`` Gram matrix of the task gradients.
-    num_iterations: Frank-Wolfe iterations for ``T > 2``.
+    gram: the ``T x T`` Gram matrix of the task gradients (symmetric).
+    num_iterations: the most Frank-Wolfe steps for ``T > 2``; ``None`` (the
+      default) allows ``max(100, 10 T)``, enough to converge in our tests
+      (an optimum shared by all ``T`` tasks took about ``5 T`` steps).
 
   Returns:
-    The weights ``w`` of shape ``(T,)``, non-negative and summing to 1.
+    The weights ``w`` of shape ``(T,)``, non-negative and summing to 1, in
+    ``gram``'s dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from optax_graddrop import mgda_weights
+    >>> mgda_weights(jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]))
+    Array([0.4, 0.4, 0.2], dtype=float32)
+
+  References:
+    Lacoste-Julien & Jaggi, `On the Global Linear Convergence of Frank-Wolfe
+    Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
   """
   num_tasks = gram.shape[0]
-
-  def segment_min(aa: Any, ab: Any, bb: Any) -> tuple[Any, Any]:
-    """``gamma`` minimising ``|gamma a + (1 - gamma) b|^2`` from the inner
-    products ``aa = <a, a>``, ``ab``, ``bb``; and that squared norm."""
-    denominator = aa - 2 * ab + bb
-    gamma = jnp.clip((bb - ab) / jnp.where(denominator > 0, denominator, 1), 0, 1)
-    gamma = jnp.where(denominator > 0, gamma, jnp.where(aa < bb, 1.0, 0.0))
-    return gamma, gamma**2 * aa + 2 * gamma * (1 - gamma) * ab + (1 - gamma) ** 2 * bb
-
-  if num_tasks == 1:
-    return jnp.ones((1,), gram.dtype)
-  pairs = [(i, j) for i in range(num_tasks) for j in range(i + 1, num_tasks)]
-  best = None
-  for i, j in pairs:
-    gamma, norm_sq = segment_min(gram[i, i], gram[i, j], gram[j, j])
-    weights = jnp.zeros(num_tasks, gram.dtype).at[i].set(gamma).at[j].set(1 - gamma)
-    if best is None:
-      best = (weights, norm_sq)
-    else:
-      better = norm_sq < best[1]
-      best = (jnp.where(better, weights, best[0]), jnp.where(better, norm_sq, best[1]))
-  assert best is not None
-  if num_tasks == 2:
-    return best[0]
-
-  def frank_wolfe_step(_: int, weights: jax.Array) -> jax.Array:
-    grad = gram @ weights  # <g_t, v> for v = sum_k w_k g_k
-    vertex = jnp.argmin(grad)
-    vv, tv, tt = weights @ grad, grad[vertex], gram[vertex, vertex]
-    gamma, _ = segment_min(tt, tv, vv)
-    return (1 - gamma) * weights + gamma * jax.nn.one_hot(vertex, num_tasks, dtype=gram.dtype)
-
-  return jax.lax.fori_loop(0, num_iterations, frank_wolfe_step, best[0])
+  max_steps = max(100, 10 * num_tasks) if num_iterations is None else num_iterations
+  return _min_norm_weights(gram, max_steps)
 
 
-def mgda(task_grads: Any, num_iterations: int = 100, *, mask: Any = None) -> Any:
+def mgda(task_grads: Any, num_iterations: int | None = None, *, mask: Any = None) -> Any:
   """MGDA (Sener & Koltun, 2018): the minimum-norm convex combination.
 
   Returns ``sum_i w_i g_i`` with ``w`` on the simplex minimising its norm
-  (whole-pytree inner products). Convention: the result is NOT rescaled; its
-  weights sum to 1, so it is on the scale of the mean gradient, not of the
-  sum (multiply by ``T`` to compare step sizes with the plain sum; Adam is
-  insensitive to the scale).
+  (whole-pytree inner products), the weights of :func:`mgda_weights` (which
+  describes the solver) on the Gram matrix of the task gradients.
+  Convention: the result is NOT rescaled; its weights sum to 1, so it is on
+  the scale of the mean gradient, not of the sum (multiply by ``T`` to
+  compare step sizes with the plain sum; Adam is insensitive to the scale).
+
+  Derivatives: ``jax.grad`` and ``jax.jvp`` differentiate the weights too,
+  implicitly: the derivative of the exact minimum-norm point (see
+  :func:`mgda_weights`), not of the solver's steps.
 
   Args:
     task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
-    num_iterations: Frank-Wolfe iterations when ``T > 2``.
+    num_iterations: the most Frank-Wolfe steps when ``T > 2``; ``None`` (the
+      default) allows ``max(100, 10 T)``.
     mask: as for :func:`graddrop`: MGDA on the leaves where it is True
       (inner products over those alone), the plain sum on the others.
 
@@ -267,11 +453,14 @@ def pcgrad_transform(key: jax.Array | int, *, mask: Any = None) -> aggregating.A
   return _transform.aggregator_transform(aggregate, key, mask=mask)
 
 
-def mgda_transform(num_iterations: int = 100, *, mask: Any = None) -> aggregating.Aggregator:
+def mgda_transform(
+  num_iterations: int | None = None, *, mask: Any = None
+) -> aggregating.Aggregator:
   """:func:`mgda` as an Optax aggregator (first in ``optax.chain``).
 
   Args:
-    num_iterations: Frank-Wolfe iterations when ``T > 2``.
+    num_iterations: the most Frank-Wolfe steps when ``T > 2`` (see
+      :func:`mgda`).
     mask: as for :func:`graddrop_transform`.
 
   Returns:

@@ -1,5 +1,7 @@
 """Tests of the baseline aggregators (sum, mean, PCGrad, MGDA)."""
 
+import itertools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,13 +12,15 @@ import tolerances
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
+from jax_compat import enable_x64
 
 import optax_graddrop as ogd
+from optax_graddrop import _baselines
 
 
-def _tree(task_vectors):
-  """Splits [T, 7] vectors into a two-leaf pytree with a leading task axis."""
-  v = jnp.asarray(task_vectors, jnp.float32)
+def _tree(task_vectors, dtype=jnp.float32):
+  """Splits [T, N >= 5] vectors into a two-leaf pytree with a leading task axis."""
+  v = jnp.asarray(task_vectors, dtype)
   return {"w": v[:, :4].reshape(-1, 2, 2), "b": v[:, 4:]}
 
 
@@ -24,10 +28,15 @@ def _flat(tree):
   return np.concatenate([np.asarray(tree["w"]).ravel(), np.asarray(tree["b"]).ravel()])
 
 
-def _pcgrad_terms(num_tasks):
-  """Sums behind a PCGrad output of 7-vectors: up to T - 1 projections, each on a
-  7-term inner product over a 7-term squared norm, then the sum over tasks."""
-  return (num_tasks - 1) * (7 + 7) + num_tasks
+# Jitted once for the tests that check values (test_jit_and_eager_agree runs both).
+_pcgrad, _mgda, _mgda_weights = jax.jit(ogd.pcgrad), jax.jit(ogd.mgda), jax.jit(ogd.mgda_weights)
+
+
+def _pcgrad_terms(num_tasks, size=7):
+  """Sums behind a PCGrad output of ``size``-vectors: up to T - 1 projections, each
+  on a ``size``-term inner product over a ``size``-term squared norm, then the sum
+  over tasks."""
+  return (num_tasks - 1) * (size + size) + num_tasks
 
 
 def test_pcgrad_two_task_closed_form_on_a_pytree():
@@ -45,36 +54,54 @@ def test_pcgrad_leaves_agreeing_gradients_unchanged():
   tolerances.assert_sums_close(_flat(out), g.sum(0), terms=4)
 
 
+def _orders(key, num_tasks):
+  """PCGrad's documented orders: one permutation of the other tasks per task."""
+  keys = jax.random.split(key, num_tasks)
+  others = [jnp.array([j for j in range(num_tasks) if j != i], jnp.int32) for i in range(num_tasks)]
+  return [np.asarray(jax.random.permutation(keys[i], others[i])) for i in range(num_tasks)]
+
+
 def _reference_pcgrad(g, orders):
-  projected = []
+  """PCGrad on flattened float64 vectors; also the smallest |cos| met (distance to a kink)."""
+  projected, margin = [], np.inf
   for i in range(len(g)):
     v = g[i].copy()
     for j in orders[i]:
       dot = v @ g[j]
+      margin = min(margin, abs(dot) / (np.linalg.norm(v) * np.linalg.norm(g[j])))
       if dot < 0:
         v = v - dot / (g[j] @ g[j]) * g[j]
     projected.append(v)
-  return np.sum(projected, 0)
+  return np.sum(projected, 0), margin
 
 
-@pytest.mark.parametrize("num_tasks", [3, 5])
-def test_pcgrad_matches_the_sequential_projection(num_tasks):
-  g = np.random.default_rng(num_tasks).normal(size=(num_tasks, 7))
+@pytest.mark.parametrize(("num_tasks", "seed"), [(2, 0), (3, 0), (50, 0)])
+def test_pcgrad_matches_the_sequential_projection(num_tasks, seed):
+  size = 16
+  g = np.random.default_rng(seed).normal(size=(num_tasks, size))
   key = jax.random.key(3)
-  keys = jax.random.split(key, num_tasks)
-  orders = [
-    np.asarray(jax.random.permutation(keys[i], jnp.array([j for j in range(num_tasks) if j != i])))
-    for i in range(num_tasks)
-  ]
-  out = ogd.pcgrad(_tree(g), key)
-  expected = _reference_pcgrad(g, orders)
-  tolerances.assert_sums_close(_flat(out), expected, terms=_pcgrad_terms(num_tasks))
+  expected, margin = _reference_pcgrad(g, _orders(key, num_tasks))
+  # No conflict decision within rounding of a kink: each inner product is a sum
+  # of `size` products, less up to T - 1 earlier projections.
+  assert margin > tolerances.summation_rtol(jnp.float32, size + num_tasks)
+  out = _pcgrad(_tree(g), key)
+  tolerances.assert_sums_close(_flat(out), expected, terms=_pcgrad_terms(num_tasks, size))
+
+
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_projection_orders_are_the_documented_stream(impl):
+  key = jax.random.key(3, impl=impl)
+  orders = _baselines._projection_orders(key, 5)
+  np.testing.assert_array_equal(orders, np.stack(_orders(key, 5)))
+  np.testing.assert_array_equal(
+    jax.jit(_baselines._projection_orders, static_argnums=1)(key, 5), orders
+  )
 
 
 def test_pcgrad_is_deterministic_given_the_key_and_the_order_matters():
   g = _tree(np.random.default_rng(1).normal(size=(4, 7)))
-  chex.assert_trees_all_equal(ogd.pcgrad(g, jax.random.key(0)), ogd.pcgrad(g, jax.random.key(0)))
-  outs = {tuple(_flat(ogd.pcgrad(g, jax.random.key(k))).round(5)) for k in range(8)}
+  chex.assert_trees_all_equal(ogd.pcgrad(g, jax.random.key(0)), _pcgrad(g, jax.random.key(0)))
+  outs = {tuple(_flat(_pcgrad(g, jax.random.key(k))).round(5)) for k in range(8)}
   assert len(outs) > 1
 
 
@@ -83,20 +110,154 @@ def test_mgda_two_task_closed_form_on_a_pytree():
   for _ in range(5):
     g1, g2 = rng.normal(size=(2, 7))
     alpha = np.clip(((g2 - g1) @ g2) / ((g1 - g2) @ (g1 - g2)), 0, 1)
-    out = ogd.mgda(_tree([g1, g2]))
+    out = _mgda(_tree([g1, g2]))
     np.testing.assert_allclose(_flat(out), alpha * g1 + (1 - alpha) * g2, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=20, deadline=None)
+def test_mgda_meets_the_min_norm_optimality_conditions_at_50_tasks():
+  num_tasks, size = 50, 64
+  rng = np.random.default_rng(0)
+  for g in (
+    rng.normal(size=(num_tasks, size)),
+    rng.normal(size=(num_tasks, size)) + rng.normal(size=size),
+  ):
+    d = _flat(_mgda(_tree(g))).astype(np.float64)
+    # d is the minimum-norm point of the hull iff <g_i, d> >= |d|^2 for every i. The
+    # solver stops within T ulps of max |g_i|^2; d sums T terms, its inner products `size`.
+    slack = tolerances.summation_rtol(jnp.float32, num_tasks + size) * np.max(np.sum(g**2, 1))
+    assert np.all(g @ d >= d @ d - slack), (g @ d - d @ d).min() / slack
+
+
+def _exact_min_norm_weights(gram):
+  """The minimum-norm weights by trying every set of tasks with non-zero weight."""
+  best = None
+  for count in range(1, len(gram) + 1):
+    for tasks in map(list, itertools.combinations(range(len(gram)), count)):
+      kkt = np.block([[gram[np.ix_(tasks, tasks)], np.ones((count, 1))], [np.ones((1, count)), 0]])
+      weights = np.zeros(len(gram))
+      weights[tasks] = np.linalg.lstsq(kkt, np.eye(count + 1)[-1], rcond=None)[0][:count]
+      if np.all(weights >= 0) and (best is None or weights @ gram @ weights < best @ gram @ best):
+        best = weights
+  return best
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mgda_matches_an_exact_float64_solver_at_3_tasks(seed):
+  rng = np.random.default_rng(seed)
+  g = rng.normal(size=(3, 7)) + rng.normal(size=7) * seed  # seed 1: a common direction
+  weights = _exact_min_norm_weights(g @ g.T)
+  tolerances.assert_sums_close(_flat(_mgda(_tree(g))), weights @ g, terms=3 + 7)
+
+
+@settings(max_examples=10, deadline=None)
 @given(st.integers(2, 5), st.integers(0, 2**31 - 1))
 def test_mgda_has_minimal_norm_among_convex_combinations(num_tasks, seed):
   rng = np.random.default_rng(seed)
   g = rng.normal(size=(num_tasks, 7)) + rng.normal(size=7)  # often a common direction
-  out_norm = np.linalg.norm(_flat(ogd.mgda(_tree(g))))
-  combos = rng.dirichlet(np.ones(num_tasks), size=500)
-  assert out_norm <= np.linalg.norm(combos @ g, axis=1).min() + 1e-4
-  weights = np.asarray(ogd.mgda_weights(jnp.asarray(g @ g.T, jnp.float32)))
-  assert np.all(weights >= -1e-6) and abs(weights.sum() - 1) < 1e-5
+  expected = _exact_min_norm_weights(g @ g.T) @ g
+  d = _flat(_mgda(_tree(g))).astype(np.float64)
+  # The solver stops within T ulps of max |g_i|^2 of the optimum's squared norm.
+  slack = tolerances.summation_rtol(jnp.float32, num_tasks + 7) * np.max(np.sum(g**2, 1))
+  assert d @ d <= expected @ expected + slack
+  weights = np.asarray(_mgda_weights(jnp.asarray(g @ g.T, jnp.float32)))
+  assert np.all(weights >= 0) and abs(weights.sum() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("num_tasks", [3, 600])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_both_gram_schedules_equal_the_inner_products(num_tasks, dtype):
+  """The one-product schedule and CPU's chunked loop (columns in several chunks)."""
+  size = 2 * _baselines._CHUNK_COLUMNS[1] + 7 if num_tasks < 8 else 2500
+  g = jax.random.normal(jax.random.key(num_tasks), (num_tasks, size), dtype)
+  expected = np.asarray(g, np.float64) @ np.asarray(g, np.float64).T
+  for schedule in (_baselines._inner_products, _baselines._chunked_inner_products):
+    gram = jax.jit(schedule, static_argnums=1)(g, jnp.float32)
+    assert gram.dtype == jnp.float32
+    tolerances.assert_sums_close(gram, expected, terms=size, accumulate=jnp.float32)
+  with enable_x64():
+    g64 = jnp.asarray(g, jnp.float64)
+    assert _baselines._gram({"a": g64[:, :5], "b": g64[:, 5:]}).dtype == jnp.float64
+
+
+def _count_equations(jaxpr):
+  """Equations of a jaxpr and of every jaxpr inside it (loop bodies, branches)."""
+
+  def inner(value):
+    if isinstance(value, (tuple, list)):
+      return [j for v in value for j in inner(v)]
+    if hasattr(value, "eqns"):
+      return [value]
+    return [value.jaxpr] if hasattr(getattr(value, "jaxpr", None), "eqns") else []
+
+  return sum(
+    1 + sum(_count_equations(j) for v in eqn.params.values() for j in inner(v))
+    for eqn in jaxpr.eqns
+  )
+
+
+def test_program_size_does_not_grow_with_the_number_of_tasks():
+  def size(fn, num_tasks):
+    task_grads = {"w": jnp.ones((num_tasks, 8, 4)), "b": jnp.ones((num_tasks, 3))}
+    return _count_equations(jax.make_jaxpr(fn)(task_grads, jax.random.key(0)).jaxpr)
+
+  pcgrad, mgda = ogd.pcgrad, lambda g, _: ogd.mgda(g)
+  # The weighted sum at the end unrolls a bounded block of tasks; nothing else grows.
+  weighted_sum = lambda g, _: ogd.mean_tasks(g)  # noqa: E731
+  allowed = size(weighted_sum, 40) - size(weighted_sum, 10)
+  for fn in (pcgrad, mgda):
+    assert size(fn, 40) - size(fn, 10) <= allowed
+  gram = lambda num_tasks: jnp.eye(num_tasks)  # noqa: E731
+  for fn in (
+    _baselines.pcgrad_weights,
+    lambda g, _: ogd.mgda_weights(g),
+    lambda g, _: _baselines._gram(g),
+  ):
+    counts = {
+      _count_equations(jax.make_jaxpr(fn)(gram(t), jax.random.key(0)).jaxpr) for t in (10, 40)
+    }
+    assert len(counts) == 1, counts
+
+
+def _distance_to_a_kink(g, aggregator):
+  """How far (relatively) the decisions behind PCGrad's or MGDA's weights are from flipping."""
+  if aggregator == "pcgrad":
+    return _reference_pcgrad(g, _orders(jax.random.key(1), len(g)))[1]
+  gram = g @ g.T
+  weights = _exact_min_norm_weights(gram)
+  products = gram @ weights - weights @ gram @ weights  # zero on tasks of non-zero weight
+  inactive = products.min(initial=np.inf, where=weights == 0) / gram.max()
+  return min(weights.min(initial=np.inf, where=weights > 0), inactive)
+
+
+@pytest.mark.parametrize(("aggregator", "num_tasks", "seed"), [("pcgrad", 3, 3), ("mgda", 5, 0)])
+def test_derivatives_equal_central_differences(aggregator, num_tasks, seed):
+  """The weights are differentiated (MGDA's implicitly, at its optimum)."""
+  aggregate = {"pcgrad": lambda g: ogd.pcgrad(g, jax.random.key(1)), "mgda": ogd.mgda}[aggregator]
+  with enable_x64():
+    rng = np.random.default_rng(seed)
+    # A common component: some pairs agree (PCGrad), one task has zero weight (MGDA).
+    vectors = rng.normal(size=(num_tasks, 7)) + 0.3 * rng.normal(size=7)
+    assert _distance_to_a_kink(vectors, aggregator) > 1e-3  # far beyond the steps below
+    if aggregator == "mgda":
+      assert np.sum(_exact_min_norm_weights(vectors @ vectors.T) == 0) == 1
+    g = _tree(vectors, jnp.float64)
+    direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), g)
+    cotangent = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape[1:])), g)
+    loss = jax.jit(lambda g: optax.tree.vdot(cotangent, aggregate(g)))
+    shifted = lambda t: jax.tree.map(lambda x, v: x + t * v, g, direction)  # noqa: E731
+    expected = (loss(shifted(1e-5)) - loss(shifted(-1e-5))) / 2e-5
+    grad = jax.jit(jax.grad(loss))(g)
+    np.testing.assert_allclose(optax.tree.vdot(grad, direction), expected, rtol=1e-7)
+    tangent = jax.jit(lambda g, v: jax.jvp(aggregate, (g,), (v,))[1])(g, direction)
+    np.testing.assert_allclose(optax.tree.vdot(cotangent, tangent), expected, rtol=1e-7)
+    # Not the derivative with the weights held constant.
+    weights = {"pcgrad": ogd.pcgrad_weights, "mgda": ogd.mgda_weights}[aggregator]
+    gram = jnp.asarray(vectors @ vectors.T)
+    constant = weights(gram, jax.random.key(1)) if aggregator == "pcgrad" else weights(gram)
+    held = optax.tree.vdot(
+      cotangent, jax.tree.map(lambda v: jnp.tensordot(constant, v, 1), direction)
+    )
+    assert abs(held - expected) > 1e-3 * abs(expected)
 
 
 def test_sum_and_mean():
