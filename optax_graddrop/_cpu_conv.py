@@ -70,8 +70,10 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
       elif eqn.primitive.name == "jit":
         inner = eqn.params["jaxpr"]
         outputs = _eval(inner.jaxpr, inner.consts, inputs)
-      elif eqn.primitive.name == "remat2":  # jax.checkpoint
-        outputs = _bind(eqn, inputs, jaxpr=_rewritten_jaxpr(eqn.params["jaxpr"], inputs))
+      elif eqn.primitive.name == "remat2" and (
+        (rewritten := _rewritten_jaxpr(eqn.params["jaxpr"], inputs)) is not None
+      ):  # jax.checkpoint
+        outputs = _bind(eqn, inputs, jaxpr=rewritten)
       else:
         outputs = _bind(eqn, inputs)
     env.update(zip(eqn.outvars, outputs))
@@ -79,11 +81,10 @@ def _eval(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
 
 
 def _rewritten_jaxpr(jaxpr: Any, inputs: Sequence[Any]) -> Any:
-  """``jaxpr`` (closed over nothing) with its convolutions rewritten."""
+  """``jaxpr`` with its convolutions rewritten, or ``None`` where that needs
+  constants (from a ``jit`` inlined into it), which ``jaxpr`` cannot hold."""
   closed = jax.make_jaxpr(lambda *args: _eval(jaxpr, (), args))(*inputs)
-  # The rewrite adds transposes only, never constants.
-  assert not closed.consts, closed.consts
-  return closed.jaxpr
+  return None if closed.consts else closed.jaxpr
 
 
 def _bind(eqn: Any, inputs: Sequence[Any], **replaced: Any) -> list[Any]:

@@ -144,3 +144,23 @@ def test_canonical_convolutions_are_left_alone():
   jaxpr = jax.make_jaxpr(_cpu_conv.canonical_convolutions(conv))(lhs, rhs).jaxpr
   assert [eqn.primitive.name for eqn in jaxpr.eqns] == ["conv_general_dilated"]
   chex.assert_trees_all_equal(_cpu_conv.canonical_convolutions(conv)(lhs, rhs), conv(lhs, rhs))
+
+
+def test_checkpoint_with_constants_is_left_as_it_is():
+  lhs_shape, rhs_shape, dimension_numbers, options = _CONVS["NCHW dilated"]
+  lhs, rhs = _operands(lhs_shape, rhs_shape)
+  # A jax array closed over by a jit becomes a constant of its jaxpr, which a
+  # checkpoint's jaxpr cannot hold: that checkpoint keeps its convolutions.
+  scales = jnp.arange(4.0)[:, None, None] * jnp.ones((4, 12, 7))
+
+  def loss(lhs, rhs):
+    scaled = jax.jit(lambda out: out * scales)
+    return jax.checkpoint(lambda r: scaled(_conv(lhs, r, dimension_numbers, **options)))(rhs).sum()
+
+  grads = jax.grad(loss, argnums=1)
+  rewritten = _cpu_conv.canonical_convolutions(grads)
+  tolerances.assert_sums_close(jax.jit(rewritten)(lhs, rhs), grads(lhs, rhs), terms=lhs.size)
+  assert (
+    _nested_conv_specs(jax.make_jaxpr(rewritten)(lhs, rhs).jaxpr)[-1]
+    == (_nested_conv_specs(jax.make_jaxpr(grads)(lhs, rhs).jaxpr)[-1])
+  )
