@@ -26,6 +26,7 @@ from optax_graddrop._core import keep_fn
 from optax_graddrop._core import sign_purity
 from optax_graddrop._fork import fork
 from optax_graddrop._fork import graddrop_activation
+from optax_graddrop._fork import stats_probe
 from optax_graddrop._graddrop import graddrop
 from optax_graddrop._graddrop import sign_masks
 from optax_graddrop._per_task import per_task_value_and_grad
@@ -72,6 +73,7 @@ __all__ = [
   "problems",
   "sign_masks",
   "sign_purity",
+  "stats_probe",
   "sum_tasks",
   "sum_transform",
   "uncertainty_weighted_losses",

@@ -6,6 +6,14 @@ loss then delivers the ``T`` per-task cotangents of ``A`` to ``fork``'s
 backward rule (a ``jax.custom_vjp``), which applies GradDrop to them and
 passes one combined cotangent into the trunk: the cost of the plain sum,
 where parameter-level GradDrop needs ``T`` backward passes.
+
+Its diagnostics exist only in that backward pass, so ``fork`` hands them out
+the way Flax's ``perturb`` hands out intermediate gradients: through an extra
+zero-valued input, the *stats probe*, whose cotangent the backward rule sets
+to the step's :class:`GradDropStats`. The gradient of the loss with respect to
+the probe is then the statistics, under every transformation that
+differentiates it; a probe that is not differentiated (or absent) costs
+nothing.
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ def graddrop_activation(
   marginalize: Marginalize = "sign",
   batch_axes: int | Sequence[int] = (0,),
   preserve_norm: bool = False,
+  return_stats: bool = False,
 ) -> Any:
   """GradDrop of per-task cotangents of a shared activation (``fork``'s backward).
 
@@ -103,6 +112,18 @@ def graddrop_activation(
   ``marginalize=None`` the result equals ``graddrop`` of the stacked
   cotangents.
 
+  Diagnostics (``return_stats``) count the elements of the signals ``G_i``,
+  where GradDrop decides: ``conflict_fraction`` is the fraction of signal
+  elements whose ``T`` signals have both signs, ``kept_fraction`` the mean of
+  the masks ``M_i`` over the ``T x`` signal elements (a zero signal counts as
+  kept), as :func:`graddrop` of the stacked signals reports them with the
+  same key. With ``marginalize=None`` the signals are the cotangents, so the
+  statistics are those of ``graddrop`` of the stacked cotangents. Otherwise
+  each signal element stands for all the batch elements it was summed over:
+  for ``[B, D]`` features and ``batch_axes=(0,)`` there are ``D`` of them, one
+  per feature, and a dropped task counts once per feature, not once per
+  example.
+
   Args:
     features: the shared activation ``A``: an array or a pytree of them.
     task_cotangents: ``T`` pytrees like ``features``.
@@ -115,18 +136,23 @@ def graddrop_activation(
     batch_axes: the axes of every leaf summed over in step 1.
     preserve_norm: rescale each leaf of the result to the norm of the plain
       sum ``sum_i g_i`` (batch included).
+    return_stats: also return :class:`GradDropStats` over all leaves' signals.
 
   Returns:
-    The combined cotangent, a pytree like ``features``.
+    The combined cotangent, a pytree like ``features``; with
+    ``return_stats``, a tuple ``(combined, stats)``.
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from optax_graddrop import graddrop_activation
     >>> features = jnp.ones((2, 3))
     >>> cotangents = [jnp.ones((2, 3)), -2.0 * jnp.ones((2, 3))]
-    >>> out = graddrop_activation(features, cotangents, jax.random.key(0))
+    >>> out, stats = graddrop_activation(
+    ...     features, cotangents, jax.random.key(0), return_stats=True)
     >>> out.shape
     (2, 3)
+    >>> float(stats.conflict_fraction)  # every feature: the tasks disagree
+    1.0
   """
   num_tasks = len(task_cotangents)
   batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
@@ -134,6 +160,7 @@ def graddrop_activation(
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
   fn = _core.keep_fn(keep, scale)
+  count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
   leaves, treedef = jax.tree_util.tree_flatten(features)
   cotangent_leaves = []
   for task, cotangent in enumerate(task_cotangents):
@@ -163,7 +190,7 @@ def graddrop_activation(
       for offset, shape in zip(offsets, signal_shapes)
     ],
   )
-  combined = []
+  combined, codes = [], []
   for leaf, (grads, signals), shape, bits in zip(leaves, signal_leaves, signal_shapes, all_bits):
     dtype = grads[0].dtype
     init = _sums.zeros(
@@ -172,6 +199,7 @@ def graddrop_activation(
       dtype,
       per_task_leak=leak_per_task is not None,
       separate_signals=signals is not None,
+      counts=count_dtype,
     )
     sums = _sums.accumulate(init, grads, leak_per_task, signals)
     bits = bits.reshape(shape)
@@ -186,14 +214,21 @@ def graddrop_activation(
       eps,
       out_dtype=jnp.result_type(leaf),
       preserve_norm=preserve_norm,
+      count_dtype=count_dtype,
       materialize=False,
     )
+    if done.code is not None:
+      codes.append((done.code, _layout.explicitly_sharded(done.code)))
     out = done.combined
     if done.plain is not None:
       sharded = _layout.explicitly_sharded(out)
       out = _core.rescale_to_norm(out, done.plain, sharded).astype(jnp.result_type(leaf))
     combined.append(out)
-  return jax.tree_util.tree_unflatten(treedef, combined)
+  result = jax.tree_util.tree_unflatten(treedef, combined)
+  if not return_stats:
+    return result
+  num_signals = sum(math.prod(shape) for shape in signal_shapes)
+  return result, _core._stats(codes, num_signals, num_tasks)
 
 
 def fork(
@@ -208,6 +243,7 @@ def fork(
   marginalize: Marginalize = "sign",
   batch_axes: int | Sequence[int] = (0,),
   preserve_norm: bool = False,
+  stats_probe: _core.GradDropStats | None = None,
 ) -> tuple[Any, ...]:
   """Splits a shared activation into ``num_tasks`` branches with GradDrop.
 
@@ -223,6 +259,17 @@ def fork(
   per-task parameter gradients) picks signs per weight exactly, at the cost
   of ``T`` backward passes; ``fork`` costs one.
 
+  Diagnostics: the statistics exist only in the backward pass, so they come
+  out as a gradient, as Flax's ``perturb`` gives intermediate gradients.
+  Pass ``stats_probe`` (:func:`stats_probe`, zeros) and differentiate the
+  loss with respect to it as well: its gradient is the step's
+  :class:`GradDropStats`, as ``graddrop_activation(..., return_stats=True)``
+  computes them. Its value is never read, and the combined cotangent is the
+  same with and without it. Like any gradient, a probe used by several forks
+  (or several times, in a loop or under ``jax.vmap``) receives the sum of
+  their statistics; give each fork its own probe to tell them apart. A probe
+  that is passed but not differentiated costs nothing under ``jax.jit``.
+
   Args:
     features: the shared activation, an array or pytree of arrays.
     key: a PRNG key; use a fresh one every step.
@@ -234,28 +281,81 @@ def fork(
     marginalize: as for :func:`graddrop_activation`.
     batch_axes: as for :func:`graddrop_activation`.
     preserve_norm: as for :func:`graddrop_activation`.
+    stats_probe: ``None``, or a :class:`GradDropStats` of float scalars
+      whose cotangent becomes the statistics (see above).
 
   Returns:
     A tuple of ``num_tasks`` pytrees equal to ``features``.
 
+  Raises:
+    TypeError: if ``stats_probe`` is not a ``GradDropStats`` of float scalars.
+
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from optax_graddrop import fork
-    >>> def loss(w, x, key):
+    >>> from optax_graddrop import fork, stats_probe
+    >>> def loss(w, probe, x, key):
     ...   shared = jnp.tanh(x @ w)
-    ...   a, b = fork(shared, key, 2)
+    ...   a, b = fork(shared, key, 2, stats_probe=probe)
     ...   return jnp.sum(a) - jnp.sum(b ** 2)
-    >>> grads = jax.grad(loss)(jnp.ones((3, 4)), jnp.ones((5, 3)), jax.random.key(0))
+    >>> grads, stats = jax.grad(loss, argnums=(0, 1))(
+    ...     jnp.ones((3, 4)), stats_probe(), jnp.ones((5, 3)), jax.random.key(0))
     >>> grads.shape
     (3, 4)
+    >>> float(stats.conflict_fraction)  # the two heads disagree on every feature
+    1.0
   """
   batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
   _core.keep_fn(keep, scale)
+  probe = None if stats_probe is None else _check_probe(stats_probe)
   options = _ForkOptions(num_tasks, keep, scale, eps, marginalize, batch_axes, preserve_norm)
-  return _split(options, features, key, leak_per_task)
+  return _split(options, features, key, leak_per_task, probe)
+
+
+def stats_probe() -> _core.GradDropStats:
+  """A zero :class:`GradDropStats` whose gradient is ``fork``'s statistics.
+
+  Pass it as ``fork(..., stats_probe=probe)`` and differentiate the loss
+  with respect to it along with the parameters.
+
+  Returns:
+    ``GradDropStats`` of two float32 zeros.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax_graddrop as ogd
+    >>> def loss(features, probe):
+    ...   a, b = ogd.fork(features, jax.random.key(0), 2, stats_probe=probe)
+    ...   return jnp.sum(a) + jnp.sum(b)  # the two tasks agree
+    >>> stats = jax.grad(loss, argnums=1)(jnp.ones((4, 3)), ogd.stats_probe())
+    >>> float(stats.conflict_fraction), float(stats.kept_fraction)
+    (0.0, 1.0)
+  """
+  zero = jnp.zeros((), jnp.float32)
+  return _core.GradDropStats(zero, zero)
+
+
+def _check_probe(probe: Any) -> _core.GradDropStats:
+  if not isinstance(probe, _core.GradDropStats):
+    raise TypeError(
+      "`stats_probe` must be a GradDropStats of float scalars, such as "
+      f"optax_graddrop.stats_probe(); got {type(probe).__name__}."
+    )
+  for name, value in zip(probe._fields, probe):
+    dtype = jnp.result_type(value)
+    if jnp.shape(value) != () or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+        f"`stats_probe.{name}` must be a float scalar; got shape {jnp.shape(value)} and "
+        f"dtype {dtype}."
+      )
+  return _core.GradDropStats(*(jnp.asarray(value) for value in probe))
+
+
+def _as_cotangent(stats: _core.GradDropStats, probe: _core.GradDropStats) -> _core.GradDropStats:
+  """The statistics in the probe's dtypes, as its cotangent must be."""
+  return _core.GradDropStats(*(s.astype(p.dtype) for s, p in zip(stats, probe)))
 
 
 class _ForkOptions(NamedTuple):
@@ -270,23 +370,36 @@ class _ForkOptions(NamedTuple):
   preserve_norm: bool
 
 
+_Residuals = tuple[Any, jax.Array, Any, _core.GradDropStats | None]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _split(options: _ForkOptions, features: Any, key: jax.Array, leak: Any) -> tuple[Any, ...]:
-  del key, leak
+def _split(
+  options: _ForkOptions,
+  features: Any,
+  key: jax.Array,
+  leak: Any,
+  probe: _core.GradDropStats | None,
+) -> tuple[Any, ...]:
+  del key, leak, probe
   return (features,) * options.num_tasks
 
 
 def _split_fwd(
-  options: _ForkOptions, features: Any, key: jax.Array, leak: Any
-) -> tuple[tuple[Any, ...], tuple[Any, jax.Array, Any]]:
-  return _split(options, features, key, leak), (features, key, leak)
+  options: _ForkOptions,
+  features: Any,
+  key: jax.Array,
+  leak: Any,
+  probe: _core.GradDropStats | None,
+) -> tuple[tuple[Any, ...], _Residuals]:
+  return _split(options, features, key, leak, probe), (features, key, leak, probe)
 
 
 def _split_bwd(
-  options: _ForkOptions, residuals: tuple[Any, jax.Array, Any], cotangents: tuple[Any, ...]
-) -> tuple[Any, None, None]:
-  features, key, leak = residuals
-  combined = graddrop_activation(
+  options: _ForkOptions, residuals: _Residuals, cotangents: tuple[Any, ...]
+) -> tuple[Any, None, None, _core.GradDropStats | None]:
+  features, key, leak, probe = residuals
+  result = graddrop_activation(
     features,
     cotangents,
     key,
@@ -297,9 +410,42 @@ def _split_bwd(
     marginalize=options.marginalize,
     batch_axes=options.batch_axes,
     preserve_norm=options.preserve_norm,
+    return_stats=probe is not None,
   )
-  # The key and the leak are not differentiated.
-  return combined, None, None
+  # The key and the leak are not differentiated; the probe's cotangent is
+  # the statistics.
+  if probe is None:
+    return result, None, None, None
+  combined, stats = result
+  return combined, None, None, _as_cotangent(stats, probe)
 
 
 _split.defvjp(_split_fwd, _split_bwd)
+
+
+@jax.custom_vjp
+def without_graddrop(features: Any, probe: _core.GradDropStats) -> Any:
+  """The identity, whose backward pass reports that nothing was dropped.
+
+  For a layer's deterministic calls: the cotangent passes unchanged, and the
+  probe's cotangent is ``GradDropStats(conflict_fraction=0, kept_fraction=1)``
+  (no sign picked, every entry kept).
+  """
+  del probe
+  return features
+
+
+def _without_graddrop_fwd(
+  features: Any, probe: _core.GradDropStats
+) -> tuple[Any, _core.GradDropStats]:
+  return features, probe
+
+
+def _without_graddrop_bwd(
+  probe: _core.GradDropStats, cotangent: Any
+) -> tuple[Any, _core.GradDropStats]:
+  nothing_dropped = _core.GradDropStats(jnp.float32(0.0), jnp.float32(1.0))
+  return cotangent, _as_cotangent(nothing_dropped, probe)
+
+
+without_graddrop.defvjp(_without_graddrop_fwd, _without_graddrop_bwd)

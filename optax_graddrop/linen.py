@@ -31,6 +31,16 @@ class GradDrop(nn.Module):
   ``self.make_rng("graddrop")``, so pass ``rngs={"graddrop": key}`` to
   ``apply``; ``deterministic`` calls need no key and are the plain identity.
 
+  Diagnostics, the way ``nn.Module.perturb`` gives intermediate gradients:
+  with ``track_stats=True``, ``init`` adds a zero
+  :class:`~optax_graddrop.GradDropStats`, ``stats``, to the layer's
+  ``"perturbations"`` collection. Pass that collection to ``apply`` and
+  differentiate with respect to it as well: its gradient is the call's
+  statistics (see :func:`optax_graddrop.fork`); a deterministic call reports
+  ``conflict_fraction=0`` and ``kept_fraction=1`` (no sign picked, nothing
+  dropped). Without the collection in ``apply``'s variables the layer
+  computes no statistics.
+
   Attributes:
     num_tasks: the number of branches ``T``.
     leak, keep, scale, eps, marginalize, preserve_norm: as for
@@ -39,7 +49,23 @@ class GradDrop(nn.Module):
       shares its weights across, e.g. ``(0, 1)`` for ``[B, L, D]`` sequences
       and ``(0, 1, 2)`` for ``[B, H, W, C]`` maps.
     deterministic: default for the call's ``deterministic``.
+    track_stats: create the ``stats`` probe at ``init`` (see above).
     rng_collection: the rng stream to draw keys from.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_graddrop import linen as ogd_linen
+    >>> layer = ogd_linen.GradDrop(2, track_stats=True)
+    >>> features = jnp.ones((4, 3))
+    >>> perturbations = layer.init(
+    ...     jax.random.key(0), features, deterministic=True)["perturbations"]
+    >>> def loss(perturbations, key):
+    ...   a, b = layer.apply(
+    ...       {"perturbations": perturbations}, features, rngs={"graddrop": key})
+    ...   return jnp.sum(a) - jnp.sum(b)  # the two tasks disagree everywhere
+    >>> grads = jax.grad(loss)(perturbations, jax.random.key(1))
+    >>> float(grads["stats"].conflict_fraction)
+    1.0
   """
 
   num_tasks: int
@@ -51,6 +77,7 @@ class GradDrop(nn.Module):
   batch_axes: int | Sequence[int] = (0,)
   preserve_norm: bool = False
   deterministic: bool = False
+  track_stats: bool = False
   rng_collection: str = "graddrop"
 
   @nn.compact
@@ -66,7 +93,15 @@ class GradDrop(nn.Module):
     """
     if deterministic is None:
       deterministic = self.deterministic
+    probe = None
+    # As nn.Module.perturb: created by init, used when apply is given it.
+    if self.track_stats and (
+      self.is_mutable_collection("perturbations") or self.has_variable("perturbations", "stats")
+    ):
+      probe = self.variable("perturbations", "stats", _fork.stats_probe).value
     if deterministic:
+      if probe is not None:
+        features = _fork.without_graddrop(features, probe)
       return (features,) * self.num_tasks
     return _fork.fork(
       features,
@@ -79,4 +114,5 @@ class GradDrop(nn.Module):
       marginalize=self.marginalize,
       batch_axes=self.batch_axes,
       preserve_norm=self.preserve_norm,
+      stats_probe=probe,
     )

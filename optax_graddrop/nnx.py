@@ -24,6 +24,24 @@ from optax_graddrop import _fork
 from optax_graddrop import _validation
 
 
+class Stats(nnx.Variable):
+  """The :class:`~optax_graddrop.GradDropStats` of a GradDrop layer, as a probe.
+
+  A layer built with ``track_stats=True`` holds one. Its value is passed to
+  :func:`optax_graddrop.fork` as ``stats_probe`` and never read, so
+  differentiating the loss with respect to the ``Stats`` variables (e.g.
+  ``nnx.DiffState(0, (nnx.Param, Stats))``) gives each layer's statistics of
+  the step as their gradients; ``nnx.update`` the model with them to keep the
+  latest ones in the layers. Not an ``nnx.Param``: optimizers leave it alone.
+  """
+
+
+def _get(variable: nnx.Variable) -> Any:
+  # Flax 0.12.0 reads a Variable's value as `.value`; later versions
+  # deprecate that for `get_value()`.
+  return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
 class GradDrop(nnx.Module):
   """Splits a shared representation into ``num_tasks`` branches with GradDrop.
 
@@ -33,6 +51,14 @@ class GradDrop(nnx.Module):
   ``nnx.Dropout``, it draws a fresh key from the ``graddrop`` rng stream on
   every call that is not ``deterministic``; deterministic calls are the plain
   identity (and their backward pass the plain sum).
+
+  Diagnostics: with ``track_stats=True`` the layer holds a :class:`Stats`
+  variable, ``layer.stats``. Differentiate the loss with respect to it as well
+  as the parameters and its gradient is the call's
+  :class:`~optax_graddrop.GradDropStats` (see :func:`optax_graddrop.fork`);
+  a deterministic call reports ``conflict_fraction=0`` and
+  ``kept_fraction=1`` (no sign picked, nothing dropped; the conflicts are not
+  measured). A layer called several times in one step reports the sum.
 
   Args:
     num_tasks: the number of branches ``T``.
@@ -48,8 +74,23 @@ class GradDrop(nnx.Module):
     deterministic: if True, no GradDrop (and no key needed). Like
       ``nnx.Dropout``'s flag, ``model.train()`` sets it to False and
       ``model.eval()`` to True.
+    track_stats: hold a :class:`Stats` probe (see above). Off by default:
+      no probe, no extra state, no extra work.
     rng_collection: the rng stream to draw keys from.
     rngs: an ``nnx.Rngs`` with that stream, or an ``nnx.RngStream``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from optax_graddrop import nnx as ogd_nnx
+    >>> layer = ogd_nnx.GradDrop(2, track_stats=True, rngs=nnx.Rngs(graddrop=0))
+    >>> def loss(layer, features):
+    ...   a, b = layer(features)
+    ...   return jnp.sum(a) - jnp.sum(b)  # the two tasks disagree everywhere
+    >>> wrt = nnx.DiffState(0, ogd_nnx.Stats)  # with nnx.Param too in training
+    >>> grads = nnx.grad(loss, argnums=wrt)(layer, jnp.ones((4, 3)))
+    >>> float(grads["stats"].get_value().conflict_fraction)
+    1.0
   """
 
   def __init__(
@@ -64,6 +105,7 @@ class GradDrop(nnx.Module):
     batch_axes: int | Sequence[int] = (0,),
     preserve_norm: bool = False,
     deterministic: bool = False,
+    track_stats: bool = False,
     rng_collection: str = "graddrop",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
@@ -83,6 +125,7 @@ class GradDrop(nnx.Module):
       preserve_norm=preserve_norm,
     )
     self.deterministic = deterministic
+    self.stats = Stats(_fork.stats_probe()) if track_stats else None
     self.rng_collection = rng_collection
     if isinstance(rngs, nnx.Rngs):
       self.rngs = rngs[rng_collection].fork()
@@ -112,7 +155,10 @@ class GradDrop(nnx.Module):
     """
     if deterministic is None:
       deterministic = self.deterministic
+    probe = None if self.stats is None else _get(self.stats)
     if deterministic:
+      if probe is not None:
+        features = _fork.without_graddrop(features, probe)
       return (features,) * self.num_tasks
     source = rngs if rngs is not None else self.rngs
     if isinstance(source, nnx.Rngs):
@@ -126,7 +172,9 @@ class GradDrop(nnx.Module):
       )
     else:
       key = source
-    return _fork.fork(features, key, self.num_tasks, leak=self.leak, **self.options)
+    return _fork.fork(
+      features, key, self.num_tasks, leak=self.leak, stats_probe=probe, **self.options
+    )
 
 
 def _static_leak(leak: Any) -> Any:

@@ -212,6 +212,19 @@ def test_nan_cotangents_stay_visible():
     ((jnp.ones((2, 3)), 2), {"marginalize": "mean"}, ValueError, "`marginalize`"),
     ((jnp.ones((2, 3)), 2), {"leak": [0.5]}, ValueError, "`leak`"),
     ((jnp.ones((2, 3)), 2), {"keep": "nope"}, ValueError, "Unknown `keep`"),
+    ((jnp.ones((2, 3)), 2), {"stats_probe": (0.0, 0.0)}, TypeError, "GradDropStats"),
+    (
+      (jnp.ones((2, 3)), 2),
+      {"stats_probe": ogd.GradDropStats(jnp.zeros(2), 0.0)},
+      TypeError,
+      r"`stats_probe.conflict_fraction` must be a float scalar; got shape \(2,\)",
+    ),
+    (
+      (jnp.ones((2, 3)), 2),
+      {"stats_probe": ogd.GradDropStats(0.0, 0)},
+      TypeError,
+      "`stats_probe.kept_fraction` must be a float scalar",
+    ),
   ],
 )
 def test_fork_rejects_bad_input(args, options, error, match):
@@ -263,10 +276,12 @@ def test_backward_without_marginalisation_agrees_with_the_numpy_oracle(problem, 
   cotangents = [jax.tree.map(lambda g, i=i: g[i], stacked) for i in range(problem.num_tasks)]
 
   def run(features, cotangents, key):
-    return ogd.graddrop_activation(features, cotangents, key, marginalize=None, **problem.options())
+    return ogd.graddrop_activation(
+      features, cotangents, key, marginalize=None, return_stats=True, **problem.options()
+    )
 
-  out = (jax.jit(run) if jit else run)(features, cotangents, key)
-  strategies.assert_graddrop_matches_oracle(out, problem, key)
+  out, stats = (jax.jit(run) if jit else run)(features, cotangents, key)
+  strategies.assert_graddrop_matches_oracle(out, problem, key, stats)
 
 
 @pytest.mark.parametrize("marginalize", ["sign", "value", None])
@@ -310,3 +325,187 @@ def test_layers_are_scale_invariant():
     # The same key for both calls: a fresh copy of the layer's rng stream.
     grads.append(nnx.grad(loss)(features, nnx.clone(layer), scale))
   np.testing.assert_array_equal(grads[1], grads[0] * 2.0**-20)
+
+
+# Diagnostics: the probe's gradient is the statistics of fork's backward pass. They
+# are exact counts divided in float32, compared as sums of one term.
+
+
+def _pytree_features():
+  keys = jax.random.split(jax.random.key(0), 2)
+  return {
+    "a": jax.random.normal(keys[0], (8, 5)),
+    "b": jax.random.normal(keys[1], (6,)).astype(jnp.bfloat16),
+  }
+
+
+def _pytree_task_loss(task, features):
+  return jnp.sum(jnp.sin((task + 1) * features["a"] + task)) + jnp.sum(
+    jnp.cos((task - 1) * features["b"]).astype(jnp.float32)
+  )
+
+
+def test_stats_without_marginalisation_are_those_of_graddrop_of_the_stacked_cotangents():
+  features = _pytree_features()
+  key = jax.random.key(7)
+  options = {"leak": [0.0, 0.5, 1.0], "keep": "sigmoid", "scale": 2.0}
+
+  def loss(features, probe):
+    branches = ogd.fork(features, key, T, marginalize=None, stats_probe=probe, **options)
+    return sum(_pytree_task_loss(i, b) for i, b in enumerate(branches))
+
+  grads, stats = jax.jit(jax.grad(loss, argnums=(0, 1)))(features, ogd.stats_probe())
+  cotangents = [jax.grad(lambda f, i=i: _pytree_task_loss(i, f))(features) for i in range(T)]
+  stacked = jax.tree.map(lambda *c: jnp.stack(c), *cotangents)
+  _, expected = jax.jit(lambda g: ogd.graddrop(g, key, return_stats=True, **options))(stacked)
+  tolerances.assert_sums_close(stats, expected, terms=1)
+  assert expected.conflict_fraction > 0 and expected.kept_fraction < 1  # something to count
+  _, activation_stats = jax.jit(
+    lambda f, c: ogd.graddrop_activation(f, c, key, marginalize=None, return_stats=True, **options)
+  )(features, cotangents)
+  tolerances.assert_sums_close(activation_stats, expected, terms=1)
+  # Two programs: XLA may fuse the model's own float ops differently.
+  tolerances.assert_sums_close(grads, jax.jit(jax.grad(loss))(features, None), terms=T)
+
+
+@pytest.mark.parametrize(
+  ("marginalize", "batch_axes", "jit"),
+  [("sign", (0,), False), ("sign", (0, 1), True), ("value", (0, 1), True)],
+)
+def test_stats_of_marginalised_signals_count_the_signals_elements(marginalize, batch_axes, jit):
+  keys = jax.random.split(jax.random.key(1), 2)
+  features = jax.random.normal(keys[0], (4, 3, 50))
+  weights = jax.random.normal(keys[1], (T, 3, 50))
+  key = jax.random.key(8)
+
+  def task_loss(task, features):
+    return jnp.sum(jnp.tanh(features * weights[task]))
+
+  def loss(features, probe):
+    branches = ogd.fork(
+      features, key, T, marginalize=marginalize, batch_axes=batch_axes, stats_probe=probe
+    )
+    return sum(task_loss(i, b) for i, b in enumerate(branches))
+
+  maybe_jit = jax.jit if jit else lambda fn: fn
+  grads, stats = maybe_jit(jax.grad(loss, argnums=(0, 1)))(features, ogd.stats_probe())
+
+  cotangents = jnp.stack([jax.grad(task_loss, argnums=1)(i, features) for i in range(T)])
+  factor = jnp.sign(features) if marginalize == "sign" else features
+  axes = tuple(a + 1 for a in batch_axes)
+  signals = jnp.sum(factor * cotangents, axis=axes, keepdims=True)  # [T, 1, (1 or 3), 50]
+  masks = np.asarray(jax.jit(ogd.sign_masks)(signals, key))
+  g = np.asarray(signals)
+  conflicts = np.any(g > 0, axis=0) & np.any(g < 0, axis=0)
+  expected = ogd.GradDropStats(conflicts.mean(), masks.mean())
+  assert masks.size == T * (150 if batch_axes == (0,) else 50)  # one per signal element
+  assert expected.conflict_fraction > 0 and expected.kept_fraction < 1
+  tolerances.assert_sums_close(stats, expected, terms=1)
+  # The probe does not change the combined cotangent.
+  without_probe = maybe_jit(jax.grad(loss))(features, None)
+  if jit:  # two programs: XLA may fuse the model's own float ops differently
+    tolerances.assert_sums_close(grads, without_probe, terms=T)
+  else:  # the same operations, one by one
+    chex.assert_trees_all_equal(grads, without_probe)
+
+
+def _cost(fn, *args):
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, list) else analysis  # older jax: one per program
+  return analysis["flops"], analysis["bytes accessed"]
+
+
+def test_a_probe_that_is_not_differentiated_costs_nothing():
+  params, x, y = _model()
+  key = jax.random.key(3)
+
+  def loss(params, probe):
+    branches = ogd.fork(_trunk(params["trunk"], x), key, T, stats_probe=probe)
+    return sum(_head_loss(i, params["heads"][i], b, y) for i, b in enumerate(branches))
+
+  plain = _cost(lambda p: jax.grad(loss)(p, None), params)
+  unused = _cost(lambda p: jax.grad(loss)(p, ogd.stats_probe()), params)
+  used = _cost(lambda p: jax.grad(loss, argnums=(0, 1))(p, ogd.stats_probe()), params)
+  assert unused == plain
+  assert used[0] > plain[0]  # the measure sees the statistics when they are computed
+
+
+def _seed_loss(features, probe, key):
+  branches = ogd.fork(features, key, T, stats_probe=probe)
+  return sum(jnp.sum(jnp.sin((i + 1) * b + i)) for i, b in enumerate(branches))
+
+
+def test_stats_under_vmap_are_each_seeds_own_and_a_shared_probe_gets_their_sum():
+  features = jax.random.normal(jax.random.key(0), (8, 40))
+  keys = jax.random.split(jax.random.key(9), 3)
+
+  @jax.jit
+  def stats_of(key):
+    return jax.grad(_seed_loss, argnums=1)(features, ogd.stats_probe(), key)
+
+  batched = jax.jit(jax.vmap(stats_of))(keys)
+  alone = [stats_of(key) for key in keys]
+  for seed, expected in enumerate(alone):
+    tolerances.assert_sums_close(jax.tree.map(lambda s, i=seed: s[i], batched), expected, terms=1)
+  assert len({float(s.kept_fraction) for s in alone}) > 1  # the seeds draw their own masks
+
+  def summed_loss(probe):
+    return jnp.sum(jax.vmap(lambda key: _seed_loss(features, probe, key))(keys))
+
+  shared = jax.jit(jax.grad(summed_loss))(ogd.stats_probe())
+  total = jax.tree.map(lambda *s: sum(s), *alone)
+  tolerances.assert_sums_close(shared, total, terms=len(keys))  # fractions added
+
+
+def test_stats_from_a_scanned_training_loop_match_the_step_by_step_loop():
+  params, x, y = _model()
+
+  def step(params, key):
+    def loss(params, probe):
+      branches = ogd.fork(_trunk(params["trunk"], x), key, T, stats_probe=probe)
+      return sum(_head_loss(i, params["heads"][i], b, y) for i, b in enumerate(branches))
+
+    grads, stats = jax.grad(loss, argnums=(0, 1))(params, ogd.stats_probe())
+    return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads), stats
+
+  keys = jax.random.split(jax.random.key(10), 4)
+  _, scanned = jax.jit(lambda p, k: jax.lax.scan(step, p, k))(params, keys)
+  jitted_step = jax.jit(step)
+  for index, key in enumerate(keys):
+    params, stats = jitted_step(params, key)
+    tolerances.assert_sums_close(jax.tree.map(lambda s, i=index: s[i], scanned), stats, terms=1)
+
+
+_SHARDED_STATS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import optax_graddrop as ogd
+
+features = jax.random.normal(jax.random.key(0), (16, 32))
+weights = jax.random.normal(jax.random.key(1), (3, 32))
+key = jax.random.key(2)
+
+def grads_and_stats(features):
+  def loss(features, probe):
+    branches = ogd.fork(features, key, 3, stats_probe=probe)
+    return sum(jnp.sum(jnp.tanh(b * w)) for b, w in zip(branches, weights))
+  return jax.grad(loss, argnums=(0, 1))(features, ogd.stats_probe())
+
+_, expected = jax.jit(grads_and_stats)(features)
+for types in (AxisType.Explicit, AxisType.Auto):
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(types,))
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(features, NamedSharding(mesh, P("data")))  # data parallel
+    _, stats = jax.jit(grads_and_stats)(sharded)
+  for got, want in zip(stats, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  print(types, "ok")
+"""
+
+
+def test_stats_with_the_batch_sharded_over_8_devices_match_one_device():
+  from test_sharding import _on_8_cpu_devices
+
+  result = _on_8_cpu_devices(["-c", _SHARDED_STATS])
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "Explicit ok" in result.stdout and "Auto ok" in result.stdout

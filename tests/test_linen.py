@@ -9,6 +9,7 @@ import optax
 import pytest
 import tolerances
 
+import optax_graddrop as ogd
 from optax_graddrop import linen as ogd_linen
 
 NUM_TASKS = 2
@@ -16,11 +17,13 @@ NUM_TASKS = 2
 
 class MultiTask(nn.Module):
   leak: float = 0.0
+  track_stats: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic=False):
     shared = nn.relu(nn.Dense(32)(x))
-    branches = ogd_linen.GradDrop(NUM_TASKS, leak=self.leak)(shared, deterministic=deterministic)
+    graddrop = ogd_linen.GradDrop(NUM_TASKS, leak=self.leak, track_stats=self.track_stats)
+    branches = graddrop(shared, deterministic=deterministic)
     return jnp.concatenate([nn.Dense(1)(b) for b in branches], axis=-1)
 
 
@@ -105,3 +108,82 @@ def test_leak_as_an_array_under_jit(leak):
   via_array = jax.jit(lambda: grad_with(leak))()
   tolerances.assert_sums_close(via_array, grad_with((0.0, 1.0)), terms=2)
   assert not jnp.allclose(via_array, grad_with(0.0))
+
+
+# Diagnostics: the "perturbations" collection's `stats` is a probe whose gradient is
+# the statistics.
+
+
+class _DrawnKey(ogd_linen.GradDrop):
+  """Returns the key that GradDrop draws in the same place."""
+
+  @nn.compact
+  def __call__(self, features, deterministic=None):
+    del features, deterministic
+    return self.make_rng(self.rng_collection)
+
+
+def test_stats_match_graddrop_activation_with_the_drawn_key():
+  features = jax.random.normal(jax.random.key(0), (8, 16))
+  weights = jax.random.normal(jax.random.key(1), (NUM_TASKS, 16))
+  layer = ogd_linen.GradDrop(NUM_TASKS, track_stats=True)
+  variables = layer.init(jax.random.key(2), features, deterministic=True)
+  chex.assert_trees_all_equal(variables["perturbations"]["stats"], ogd.stats_probe())
+  key = jax.random.key(3)
+
+  def task_loss(task, branch):
+    return jnp.sum(jnp.tanh(branch * weights[task]))
+
+  def loss(perturbations, features):
+    branches = layer.apply({"perturbations": perturbations}, features, rngs={"graddrop": key})
+    return sum(task_loss(i, b) for i, b in enumerate(branches))
+
+  stats, grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["perturbations"], features)
+  drawn = _DrawnKey(NUM_TASKS).apply({}, features, rngs={"graddrop": key})
+  cotangents = [jax.grad(task_loss, argnums=1)(i, features) for i in range(NUM_TASKS)]
+  combined, expected = jax.jit(lambda f, c, k: ogd.graddrop_activation(f, c, k, return_stats=True))(
+    features, cotangents, drawn
+  )
+  tolerances.assert_sums_close(stats["stats"], expected, terms=1)
+  assert expected.conflict_fraction > 0 and expected.kept_fraction < 1
+  tolerances.assert_sums_close(grads, combined, terms=NUM_TASKS)
+
+
+def test_stats_in_a_jitted_linen_step_and_only_with_the_collection():
+  x, y = _data()
+  model = MultiTask(track_stats=True)
+  variables = model.init(jax.random.key(2), x, deterministic=True)
+  params, perturbations = variables["params"], variables["perturbations"]
+
+  def loss_fn(variables, key, deterministic=False):
+    preds = model.apply(variables, x, deterministic=deterministic, rngs={"graddrop": key})
+    return jnp.sum(jnp.mean((preds - y) ** 2, axis=0))
+
+  @jax.jit
+  def step(params, perturbations, key):
+    def loss(params, perturbations):
+      return loss_fn({"params": params, "perturbations": perturbations}, key)
+
+    (grads, stats) = jax.grad(loss, argnums=(0, 1))(params, perturbations)
+    return jax.tree.map(lambda p, g: p - 0.05 * g, params, grads), grads, stats
+
+  plain_grad = jax.jit(jax.grad(lambda params, key: loss_fn({"params": params}, key)))
+  key = jax.random.key(4)
+  for _ in range(3):
+    key, step_key = jax.random.split(key)
+    new_params, grads, stats = step(params, perturbations, step_key)
+    # Without the collection: no probe, and the same gradients (the same masks).
+    # Sums over the inputs (8), the features (32), the batch (128), the tasks.
+    tolerances.assert_sums_close(
+      grads, plain_grad(params, step_key), terms=8 + 32 + 128 + NUM_TASKS
+    )
+    stats = stats["GradDrop_0"]["stats"]
+    assert 0 < stats.conflict_fraction < 1 and 0 < stats.kept_fraction < 1
+    params = new_params
+  # Deterministic calls report that nothing was dropped.
+  stats = jax.grad(loss_fn)(
+    {"params": params, "perturbations": perturbations}, key, deterministic=True
+  )["perturbations"]
+  chex.assert_trees_all_equal(
+    stats["GradDrop_0"]["stats"], ogd.GradDropStats(jnp.float32(0), jnp.float32(1))
+  )

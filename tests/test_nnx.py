@@ -272,3 +272,78 @@ def test_a_sum_baseline_with_a_leak_of_one_survives_train_and_eval():
     tolerances.assert_sums_close(
       nnx.state(nnx.grad(_loss)(baseline, x, y)), nnx.state(plain), terms=8 + 32 + 128 + 3
     )
+
+
+# Diagnostics: the layer's Stats variable is a probe whose gradient is the statistics.
+STATS_WRT = nnx.DiffState(0, (nnx.Param, ogd_nnx.Stats))
+# The gradients sum over the inputs (8), the features (32), the batch (128), the tasks.
+GRAD_TERMS = 8 + 32 + 128 + NUM_TASKS
+
+
+@nnx.jit
+def _expected_stats(model, x, y, key):
+  """The statistics of GradDrop of the heads' cotangents of the shared features."""
+  features = nnx.relu(model.trunk(x))
+
+  def task_loss(task, features):
+    return jnp.mean((model.heads[task](features)[:, 0] - y[:, task]) ** 2)
+
+  cotangents = [jax.grad(task_loss, argnums=1)(i, features) for i in range(NUM_TASKS)]
+  return ogd.graddrop_activation(features, cotangents, key, return_stats=True)[1]
+
+
+@nnx.jit
+def _grads_and_stats(model, x, y):
+  grads = nnx.grad(_loss, argnums=STATS_WRT)(model, x, y)
+  grads, stats = nnx.split_state(grads, nnx.Param, ogd_nnx.Stats)
+  return grads, stats["graddrop"]["stats"].get_value()
+
+
+_plain_grads = nnx.jit(nnx.grad(_loss))
+
+
+@jax.default_matmul_precision("highest")
+def test_stats_in_an_nnx_training_step():
+  x, y = _data()
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    grads = nnx.grad(_loss, argnums=STATS_WRT)(model, x, y)
+    grads, stats = nnx.split_state(grads, nnx.Param, ogd_nnx.Stats)
+    optimizer.update(model, grads)
+    nnx.update(model, stats)  # the layer keeps its latest statistics
+    return grads
+
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), track_stats=True)
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+  keys = nnx.Rngs(graddrop=1)["graddrop"].fork()  # the layer's stream
+  for _ in range(3):
+    expected = _expected_stats(model, x, y, keys())
+    without_stats = _plain_grads(nnx.clone(model), x, y)  # a copy of the rng state: same key
+    grads = train_step(model, optimizer, x, y)
+    tolerances.assert_sums_close(model.graddrop.stats.get_value(), expected, terms=1)
+    assert expected.conflict_fraction > 0 and expected.kept_fraction < 1
+    # Differentiating the Stats does not change the parameters' gradients.
+    tolerances.assert_sums_close(grads, nnx.state(without_stats), terms=GRAD_TERMS)
+  assert int(optimizer.step[...]) == 3
+  # Not differentiated, the Stats are not computed and keep their value.
+  kept = model.graddrop.stats.get_value()
+  _plain_grads(model, x, y)
+  chex.assert_trees_all_equal(model.graddrop.stats.get_value(), kept)
+
+
+@jax.default_matmul_precision("highest")
+def test_deterministic_layers_report_that_nothing_was_dropped():
+  x, y = _data()
+  model = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), track_stats=True, deterministic=True)
+  grads, stats = _grads_and_stats(model, x, y)
+  chex.assert_trees_all_equal(stats, ogd.GradDropStats(jnp.float32(0), jnp.float32(1)))
+  plain = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), deterministic=True)
+  plain_grads = nnx.state(_plain_grads(plain, x, y))
+  tolerances.assert_sums_close(grads, plain_grads, terms=GRAD_TERMS)
+  # A baseline with leak=1 keeps the plain sum and reports the masks it would apply.
+  leaked = MultiTask(rngs=nnx.Rngs(params=0, graddrop=1), track_stats=True, leak=1.0)
+  grads, stats = _grads_and_stats(leaked, x, y)
+  key = nnx.Rngs(graddrop=1)["graddrop"].fork()()
+  tolerances.assert_sums_close(stats, _expected_stats(plain, x, y, key), terms=1)
+  tolerances.assert_sums_close(grads, plain_grads, terms=GRAD_TERMS)
