@@ -30,11 +30,13 @@ def cpu_model() -> str:
 
 
 def machine() -> str:
-  """One line naming the machine, its CPU and the JAX backend the numbers come from."""
-  device = jax.devices()[0]
+  """One line naming the machine, its CPU, and the JAX backend and device (the GPU's
+  model on a GPU) the numbers come from."""
+  devices = jax.devices()
+  count = f" x {len(devices)}" if len(devices) > 1 else ""
   return (
     f"{platform.machine()} {platform.system()}, {cpu_model()}, {os.cpu_count()} CPUs, "
-    f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+    f"jax {jax.__version__} on {devices[0].platform} ({devices[0].device_kind}{count})"
   )
 
 

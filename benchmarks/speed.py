@@ -1,10 +1,13 @@
-"""Speed of GradDrop: against the floor, across task counts, against torchjd.
+"""Speed of GradDrop: against the floor, across task and leaf counts, against torchjd.
 
 Every table is timed interleaved in one process (each method once per round,
 medians over rounds) and gives ratios to a baseline timed in the same
-process; the machine line names the CPU, as ratios differ between CPUs.
+process; the machine line names the CPU and the accelerator, as ratios differ
+between them. torch runs on the device JAX runs on (cuda when JAX is on a
+GPU), and every table with matrix products names their precision, the same
+in JAX and torch.
 
-    python benchmarks/speed.py                      # everything, T = 8, N = 10M
+    python benchmarks/speed.py                      # everything
     python benchmarks/speed.py --quick              # small sizes, seconds
     python benchmarks/speed.py --sections param     # one section (see --help)
 
@@ -14,22 +17,37 @@ Sections:
   against the floor, the fastest jitted plain sum of the same stack (the
   ``T`` slices added in one fused loop): ``graddrop`` and its options,
   ``graddrop_transform.update`` with its default options (stats on), the
-  baselines, and torchjd's ``GradDrop`` on the same matrix when installed.
-* ``tasks``: ``graddrop`` with 10.24M entries in all as ``T`` grows from 8
-  to 1000: time per entry relative to ``T = 8``, and compile time.
-* ``steps``: jitted training steps (gradient + Adam) of an MLP 512-1024-1024
-  with 8 linear heads (batch 256) and a small conv trunk: the plain
-  summed-loss step, ``fork`` (activation level) and per-task gradients +
-  ``graddrop_transform`` (parameter level), as ratios to the plain step.
-* ``param``: parameter-level GradDrop on that MLP at ``T`` = 2, 8, 32, 64
-  heads: the stacked step (``per_task_value_and_grad`` +
-  ``graddrop_transform`` + Adam), its parts timed apart, the streaming step
-  (``graddrop_value_and_grad`` + Adam) at several chunk sizes and torchjd's
-  ``mtl_backward`` + ``GradDrop`` step when installed; times, ratios to
-  torchjd, and compiled scratch memory; plotted in
-  ``results/param_level.png``.
+  baselines, and torch's sum and torchjd's ``GradDrop`` on the same matrix
+  when installed. "% of copy bandwidth" is each method's effective bandwidth,
+  counting ``T + 1`` rows moved (``2 T`` for a copy and for ``weight_tasks``
+  alone), as a share of a copy's (``g * 1.0`` over the stack).
+* ``tasks``: ``graddrop``, ``pcgrad`` and ``mgda`` with 10.24M entries in all
+  as ``T`` grows from 8 to 1000: time per entry relative to ``T = 8``, and
+  compile time; then sizes per task that are not multiples of 4 or 16 (and
+  10,000 against 10,240 at ``T = 1000``), per entry against an aligned size.
+* ``steps``: jitted training steps (gradient + Adam) of an MLP with linear
+  heads and of a small conv trunk: the plain summed-loss step, ``fork``
+  (activation level) and per-task gradients + ``graddrop_transform``
+  (parameter level), as ratios to the plain step.
+* ``param``: parameter-level GradDrop on the MLP as ``T`` grows: the stacked
+  step (``per_task_value_and_grad`` + ``graddrop_transform`` + Adam), its
+  parts timed apart, the streaming step (``graddrop_value_and_grad`` + Adam)
+  at several chunk sizes and torchjd's ``mtl_backward`` + ``GradDrop`` step
+  when installed; times, ratios to torchjd, and compiled scratch memory;
+  plotted in ``results/param_level.png``. Then a conv trunk with 40 binary
+  tasks: every way to get the per-task gradients against ``T`` plain backward
+  passes.
+* ``leaves``: ``graddrop`` and ``graddrop_transform(0).update`` on 96 leaves
+  of mixed shapes (``T = 8``) against one leaf of the same total size: trace,
+  lowering and compile time, and run time.
 * ``scaling``: ``graddrop`` with ``N = 1M`` entries per task and ``T`` = 2,
   8, 40: time per task, scratch memory, and the ``fork`` step of a small MLP.
+
+The MLP of ``steps`` and ``param`` is ``--mlp small`` (512-1024-1024, batch
+256; the default on CPU) or ``--mlp large`` (1024-4096-4096-4096, batch 1024,
+``T`` = 8 and 32; the default on GPU and TPU). ``--precision`` picks the
+matrix products' precision: ``float32`` (JAX ``highest``, torch TF32 off;
+the default) and, on GPUs, also ``tf32`` (TF32 in both).
 
 torch and torchjd are optional (``pip install torch==2.13.0 torchjd``).
 """
@@ -37,21 +55,54 @@ torch and torchjd are optional (``pip install torch==2.13.0 torchjd``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import _common
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import optax_graddrop as ogd
 
-SECTIONS = ("aggregation", "tasks", "steps", "param", "scaling")
+SECTIONS = ("aggregation", "tasks", "steps", "param", "leaves", "scaling")
+
+
+class Mlp(NamedTuple):
+  """An MLP of the step and parameter-level sections, and the tasks it runs with."""
+
+  widths: tuple[int, ...]
+  batch: int
+  step_tasks: tuple[int, ...]
+  param_tasks: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    return f"MLP {'-'.join(map(str, self.widths))}, batch {self.batch}"
+
+
+MLPS = {
+  "small": Mlp((512, 1024, 1024), 256, (8,), (2, 8, 32, 64)),
+  "large": Mlp((1024, 4096, 4096, 4096), 1024, (8, 32), (8, 32)),
+}
+QUICK_MLP = Mlp((32, 64, 64), 16, (8,), (2, 4))
+
+# Matrix-product precision: JAX's, and whether torch may use TF32.
+PRECISIONS = {
+  "float32": ("highest", False, "full float32 (JAX `highest`, torch TF32 off)"),
+  "tf32": ("tensorfloat32", True, "TF32 (JAX `tensorfloat32`, torch TF32 on)"),
+}
+
+# Issue 22's leaf mix: 16 blocks of these shapes, 96 leaves.
+LEAF_SHAPES = ((256, 256), (256,), (256, 1024), (1024,), (1024, 256), (3,))
 
 
 def _interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -76,6 +127,16 @@ def _temp_mib(fn: Callable, *args: Any) -> float:
   return float("nan") if analysis is None else analysis.temp_size_in_bytes / 2**20
 
 
+def _compiled(fn: Callable, *args: Any) -> tuple[Callable[[], Any], float]:
+  """``fn`` jitted and compiled for ``args``: a call without arguments, and seconds to compile."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  return (lambda: compiled(*args)), time.perf_counter() - start
+
+
+# --- torch, on the device JAX runs on ------------------------------------------------
+
+
 def _torch():
   try:
     import torch
@@ -85,6 +146,51 @@ def _torch():
   except ImportError:
     return None
   return torch, GradDrop, jac_to_grad, mtl_backward
+
+
+def _torch_device(torch: Any) -> str:
+  """``cuda`` when JAX runs on a GPU (and torch sees one), else ``cpu``."""
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _torch_timed(torch: Any, device: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+  """``fn`` waiting for the device, as ``block_until_ready`` does for JAX."""
+  if device != "cuda":
+    return fn
+
+  def synchronized():
+    out = fn()
+    torch.cuda.synchronize()
+    return out
+
+  return synchronized
+
+
+def _torch_line() -> str:
+  modules = _torch()
+  if modules is None:
+    return "torch: not installed (no torch or torchjd rows)"
+  torch = modules[0]
+  device = _torch_device(torch)
+  name = torch.cuda.get_device_name() if device == "cuda" else "the CPU"
+  return f"torch {torch.__version__} on {device} ({name})"
+
+
+@contextlib.contextmanager
+def _precision(name: str) -> Iterator[None]:
+  """Matrix products in ``name``'s precision, in JAX (when traced) and torch (when run)."""
+  jax_precision, tf32, _ = PRECISIONS[name]
+  modules = _torch()
+  torch = None if modules is None else modules[0]
+  saved = None if torch is None else torch.get_float32_matmul_precision()
+  if torch is not None:
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+  try:
+    with jax.default_matmul_precision(jax_precision):
+      yield
+  finally:
+    if torch is not None:
+      torch.set_float32_matmul_precision(saved)
 
 
 # --- Aggregation --------------------------------------------------------------
@@ -97,6 +203,10 @@ def _plain_sum(task_grads: jax.Array) -> jax.Array:
   return total
 
 
+FLOOR, COPY = "plain sum (floor)", "copy of the stack (g * 1.0)"
+WEIGHT_ALONE = "weight_tasks alone (writes the [T, N] stack)"
+
+
 def run_aggregation(num_tasks: int, size: int, repeats: int) -> str:
   """Every aggregator on a ``[num_tasks, size]`` float32 stack, against the floor."""
   task_grads = jax.random.normal(jax.random.key(0), (num_tasks, size), jnp.float32)
@@ -107,11 +217,11 @@ def run_aggregation(num_tasks: int, size: int, repeats: int) -> str:
   state = transform.init(task_grads[0])
 
   def jitted(fn: Callable, *args: Any) -> Callable[[], Any]:
-    compiled = jax.jit(fn)
-    return lambda: compiled(*args)
+    return _compiled(fn, *args)[0]
 
   fns = {
-    "plain sum (floor)": jitted(_plain_sum, task_grads),
+    FLOOR: jitted(_plain_sum, task_grads),
+    COPY: jitted(lambda g: g * 1.0, task_grads),
     "sum over task axis (jnp.sum(axis=0))": jitted(lambda g: g.sum(0), task_grads),
     "graddrop": jitted(lambda g, k: ogd.graddrop(g, k), task_grads, key),
     "graddrop, return_stats": jitted(
@@ -129,76 +239,176 @@ def run_aggregation(num_tasks: int, size: int, repeats: int) -> str:
     "sum_tasks(weight_tasks(g, w)) (a weighted sum)": jitted(
       lambda g, w: ogd.sum_tasks(ogd.weight_tasks(g, w)), task_grads, weights
     ),
-    "weight_tasks alone (writes the [T, N] stack)": jitted(ogd.weight_tasks, task_grads, weights),
+    WEIGHT_ALONE: jitted(ogd.weight_tasks, task_grads, weights),
     "pcgrad": jitted(ogd.pcgrad, task_grads, key),
     "mgda": jitted(ogd.mgda, task_grads),
   }
   times = _interleaved_medians(fns, repeats)
-  rows = _ratio_rows(times, "plain sum (floor)", f"T = {num_tasks}, N = {size:,}")
+  torch_modules = _torch()
+  if torch_modules is not None:
+    torch, graddrop_aggregator = torch_modules[:2]
+    device = _torch_device(torch)
+    matrix = torch.as_tensor(np.asarray(task_grads), device=device)
+    aggregator = graddrop_aggregator()
+    torch_fns = {
+      f"torch: sum over tasks ({device}, timed apart)": lambda: matrix.sum(0),
+      f"torchjd GradDrop ({device}, timed apart)": lambda: aggregator(matrix),
+    }
+    torch_fns = {name: _torch_timed(torch, device, fn) for name, fn in torch_fns.items()}
+    times |= _interleaved_medians(torch_fns, max(repeats // 3, 3))
+  label = f"T = {num_tasks}, N = {size:,}"
+  copy_rate = 2 * num_tasks / times[COPY]
+  rows = []
+  for name, t in times.items():
+    moved = 2 * num_tasks if name in (COPY, WEIGHT_ALONE) else num_tasks + 1
+    bandwidth = 100 * moved / t / copy_rate
+    rows.append([label, name, f"{1e3 * t:.2f}", f"{t / times[FLOOR]:.2f}x", f"{bandwidth:.3g}%"])
   stats_cost = times["graddrop_transform.update (defaults: stats on)"] / times["graddrop"]
-  rows.append(["", "graddrop_transform.update / graddrop", "", f"{stats_cost:.2f}x"])
-  copy = _interleaved_medians({"copy": jitted(lambda g: g * 1.0, task_grads)}, repeats)["copy"]
-  rows.append(
-    [
-      "",
-      "weight_tasks alone / a copy of the stack (its own floor)",
-      f"{1e3 * copy:.2f}",
-      f"{times['weight_tasks alone (writes the [T, N] stack)'] / copy:.2f}x",
-    ]
-  )
-  torch = _torch()
-  if torch is not None:
-    import numpy as np
-
-    matrix = torch[0].from_numpy(np.array(task_grads))
-    aggregator = torch[1]()
-    torch_times = _interleaved_medians(
-      {"torch sum": lambda: matrix.sum(0), "torchjd GradDrop": lambda: aggregator(matrix)},
-      max(repeats // 3, 3),
-    )
-    rows.append(
-      [
-        "",
-        "torchjd GradDrop / graddrop (absolute times)",
-        f"{1e3 * torch_times['torchjd GradDrop']:.2f}",
-        f"{torch_times['torchjd GradDrop'] / times['graddrop']:.2f}x",
-      ]
-    )
-  return _common.markdown_table(["setting", "method", "median ms", "ratio"], rows)
+  rows.append(["", "graddrop_transform.update / graddrop", "", f"{stats_cost:.2f}x", ""])
+  header = ["setting", "method", "median ms", "vs floor", "% of copy bandwidth"]
+  return _common.markdown_table(header, rows)
 
 
-# --- Many tasks -----------------------------------------------------------------
+# --- Many tasks, unaligned sizes --------------------------------------------------
+
+MANY_TASK_METHODS: dict[str, Callable[[jax.Array, jax.Array], Any]] = {
+  "graddrop": lambda g, k: ogd.graddrop(g, k),
+  "graddrop, return_stats": lambda g, k: ogd.graddrop(g, k, return_stats=True),
+  "pcgrad": ogd.pcgrad,
+  "mgda": lambda g, k: ogd.mgda(g),
+}
 
 
 def run_many_tasks(tasks: Sequence[int], total: int, repeats: int) -> str:
-  """``graddrop`` with ``total`` entries in all: time per entry and compile time."""
+  """Every method with ``total`` entries in all: time per entry and compile time."""
   key = jax.random.key(1)
-  compiled, stacks, compile_seconds = {}, {}, {}
+  fns, compile_seconds = {}, {}
   for num_tasks in tasks:
-    stacks[num_tasks] = jax.random.normal(jax.random.key(0), (num_tasks, total // num_tasks))
-    for stats in (False, True):
-      fn = jax.jit(lambda g, k, s=stats: ogd.graddrop(g, k, return_stats=s))
-      start = time.perf_counter()
-      compiled[num_tasks, stats] = fn.lower(stacks[num_tasks], key).compile()
-      compile_seconds[num_tasks, stats] = time.perf_counter() - start
-  times = _interleaved_medians(
-    {name: (lambda c=c, g=stacks[name[0]]: c(g, key)) for name, c in compiled.items()}, repeats
-  )
+    stack = jax.random.normal(jax.random.key(0), (num_tasks, total // num_tasks))
+    for name, method in MANY_TASK_METHODS.items():
+      fns[num_tasks, name], compile_seconds[num_tasks, name] = _compiled(method, stack, key)
+  times = _interleaved_medians(fns, repeats)
   rows = []
-  for (num_tasks, stats), t in times.items():
+  for (num_tasks, name), t in times.items():
     per_entry = t / (num_tasks * (total // num_tasks))
-    first = times[tasks[0], stats] / (tasks[0] * (total // tasks[0]))
+    first = times[tasks[0], name] / (tasks[0] * (total // tasks[0]))
     rows.append(
       [
         str(num_tasks),
-        "yes" if stats else "no",
+        name,
         f"{1e3 * t:.2f}",
         f"{1e9 * per_entry:.3f}",
         f"{per_entry / first:.2f}x",
-        f"{compile_seconds[num_tasks, stats]:.2f}",
+        f"{compile_seconds[num_tasks, name]:.2f}",
       ]
     )
-  header = ["T", "stats", "median ms", "ns per entry", f"per entry vs T = {tasks[0]}", "compile s"]
+  header = ["T", "method", "median ms", "ns per entry", f"per entry vs T = {tasks[0]}", "compile s"]
+  return _common.markdown_table(header, rows)
+
+
+def run_unaligned(cases: Sequence[tuple[int, int]], repeats: int) -> str:
+  """``graddrop`` on ``[T, N]`` stacks: time per entry against the first (aligned) case."""
+  key = jax.random.key(1)
+  fns, compile_seconds = {}, {}
+  for num_tasks, size in cases:
+    stack = jax.random.normal(jax.random.key(0), (num_tasks, size))
+    fns[num_tasks, size], compile_seconds[num_tasks, size] = _compiled(
+      lambda g, k: ogd.graddrop(g, k), stack, key
+    )
+  times = _interleaved_medians(fns, repeats)
+  per_entry = {case: t / (case[0] * case[1]) for case, t in times.items()}
+  reference = per_entry[cases[0]]
+  rows = [
+    [
+      str(num_tasks),
+      f"{size:,}",
+      f"{size & -size:,}",  # the largest power of two dividing N
+      f"{1e3 * times[num_tasks, size]:.2f}",
+      f"{1e9 * per_entry[num_tasks, size]:.3f}",
+      f"{per_entry[num_tasks, size] / reference:.2f}x",
+      f"{compile_seconds[num_tasks, size]:.2f}",
+    ]
+    for num_tasks, size in cases
+  ]
+  header = [
+    "T",
+    "N per task",
+    "largest power of 2 dividing N",
+    "median ms",
+    "ns per entry",
+    f"per entry vs T = {cases[0][0]}, N = {cases[0][1]:,}",
+    "compile s",
+  ]
+  return _common.markdown_table(header, rows)
+
+
+# --- Leaf count --------------------------------------------------------------------
+
+
+def _timed_stages(fn: Callable, *args: Any) -> tuple[Callable[[], Any], dict[str, float]]:
+  """``fn`` jitted for ``args``, with the seconds spent tracing, lowering and compiling."""
+  seconds = {}
+  start = time.perf_counter()
+  traced = jax.jit(fn).trace(*args)
+  seconds["trace"] = time.perf_counter() - start
+  lowered = traced.lower()
+  seconds["lower"] = time.perf_counter() - start - seconds["trace"]
+  compiled = lowered.compile()
+  seconds["compile"] = time.perf_counter() - start - seconds["trace"] - seconds["lower"]
+  return (lambda: compiled(*args)), seconds
+
+
+def run_leaves(shapes: Sequence[tuple[int, ...]], num_tasks: int, repeats: int) -> str:
+  """``graddrop`` and the transform on many leaves against one leaf of the same size."""
+  keys = jax.random.split(jax.random.key(0), len(shapes))
+  many = {
+    f"leaf{i:03d}": jax.random.normal(k, (num_tasks, *shape))
+    for i, (k, shape) in enumerate(zip(keys, shapes))
+  }
+  total = sum(g[0].size for g in many.values())
+  one = {"leaf": jax.random.normal(jax.random.key(1), (num_tasks, total))}
+  key = jax.random.key(2)
+  # The library's own first trace (its imports, jnp's caches) is not the leaves' cost.
+  jax.block_until_ready(jax.jit(ogd.graddrop)(jnp.ones((2, 3)), key))
+  fns, stages = {}, {}
+  for layout, task_grads in ((f"{len(shapes)} leaves", many), ("1 leaf", one)):
+    params = jax.tree.map(lambda g: jnp.zeros(g.shape[1:], g.dtype), task_grads)
+    transform = ogd.graddrop_transform(0)
+    methods = {
+      "graddrop": (lambda g, k: ogd.graddrop(g, k), (task_grads, key)),
+      "graddrop_transform(0).update": (
+        transform.update,
+        (task_grads, transform.init(params), params),
+      ),
+    }
+    for name, (fn, args) in methods.items():
+      fns[name, layout], stages[name, layout] = _timed_stages(fn, *args)
+  times = _interleaved_medians(fns, repeats)
+  rows = []
+  for name, layout in fns:
+    seconds, reference = stages[name, layout], stages[name, "1 leaf"]
+    rows.append(
+      [
+        name,
+        layout,
+        *(f"{seconds[stage]:.2f}" for stage in ("trace", "lower", "compile")),
+        f"{sum(seconds.values()):.2f}",
+        f"{sum(seconds.values()) / sum(reference.values()):.2f}x",
+        f"{1e3 * times[name, layout]:.2f}",
+        f"{times[name, layout] / times[name, '1 leaf']:.2f}x",
+      ]
+    )
+  header = [
+    "method",
+    f"T = {num_tasks}, {total:,} entries per task",
+    "trace s",
+    "lower s",
+    "compile s",
+    "total s",
+    "total vs 1 leaf",
+    "run ms",
+    "run vs 1 leaf",
+  ]
   return _common.markdown_table(header, rows)
 
 
@@ -221,23 +431,28 @@ def _mlp(widths: Sequence[int], num_tasks: int) -> tuple[Any, Callable, Callable
   return {"trunk": trunk, "heads": heads}, trunk_fn, lambda heads, f: f @ heads
 
 
-def _conv(channels: int, num_tasks: int) -> tuple[Any, Callable, Callable]:
-  """Two 3x3 convs on 16x16 images, global average pooling, linear heads."""
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  trunk = [
-    jax.random.normal(k1, (3, 3, 3, channels)) / 5,
-    jax.random.normal(k2, (3, 3, channels, channels)) / jnp.sqrt(9 * channels),
-  ]
-  heads = jax.random.normal(k3, (channels, num_tasks)) / jnp.sqrt(channels)
+def _conv(channels: Sequence[int], hidden: int, num_tasks: int) -> tuple[Any, Callable, Callable]:
+  """Two 3x3 convs (NHWC, 3 input channels), global average pooling, a linear
+  layer of ``hidden`` units, linear heads: (params, trunk_fn, heads_fn)."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  c1, c2 = channels
+  trunk = {
+    "convs": [
+      jax.random.normal(k1, (3, 3, 3, c1)) / jnp.sqrt(27),
+      jax.random.normal(k2, (3, 3, c1, c2)) / jnp.sqrt(9 * c1),
+    ],
+    "linear": jax.random.normal(k3, (c2, hidden)) / jnp.sqrt(c2),
+  }
+  heads = jax.random.normal(k4, (hidden, num_tasks)) / jnp.sqrt(hidden)
 
   def trunk_fn(trunk, x):
-    for w in trunk:
+    for w in trunk["convs"]:
       x = jax.nn.relu(
         jax.lax.conv_general_dilated(
           x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
       )
-    return x.mean(axis=(1, 2))
+    return jax.nn.relu(x.mean(axis=(1, 2)) @ trunk["linear"])
 
   return {"trunk": trunk, "heads": heads}, trunk_fn, lambda heads, f: f @ heads
 
@@ -302,19 +517,18 @@ def run_training_steps(
   return _ratio_rows(_interleaved_medians(fns, repeats), "plain summed-loss step", name)
 
 
-def run_steps(quick: bool, repeats: int) -> str:
-  widths = [32, 64, 64] if quick else [512, 1024, 1024]
-  batch = 16 if quick else 256
-  models = {
-    f"MLP {'-'.join(map(str, widths))}, batch {batch}": (_mlp(widths, 8), (batch, widths[0]))
-  }
-  if not quick:
-    models["conv 2x(3x3, 32ch), 16x16, batch 64"] = (_conv(32, 8), (64, 16, 16, 3))
+def run_steps(mlps: Sequence[Mlp], quick: bool, repeats: int) -> str:
   rows = []
-  for name, (model, x_shape) in models.items():
-    x = jax.random.normal(jax.random.key(3), x_shape)
-    rows += run_training_steps(name, model, x, 8, repeats)
-  return _common.markdown_table(["model (T = 8)", "method", "median ms", "vs plain step"], rows)
+  for mlp in mlps:
+    x = jax.random.normal(jax.random.key(3), (mlp.batch, mlp.widths[0]))
+    for num_tasks in mlp.step_tasks:
+      label = f"{mlp.name}, T = {num_tasks}"
+      rows += run_training_steps(label, _mlp(mlp.widths, num_tasks), x, num_tasks, repeats)
+  if not quick:
+    x = jax.random.normal(jax.random.key(3), (64, 16, 16, 3))
+    label = "conv 3x3 32-32ch + linear 64, 16x16, batch 64, T = 8"
+    rows += run_training_steps(label, _conv((32, 32), 64, 8), x, 8, repeats)
+  return _common.markdown_table(["model", "method", "median ms", "vs plain step"], rows)
 
 
 # --- Parameter level --------------------------------------------------------------
@@ -326,14 +540,17 @@ def _torchjd_step(widths: Sequence[int], batch: int, num_tasks: int) -> Callable
   if torch_modules is None:
     return None
   torch, graddrop_aggregator, jac_to_grad, mtl_backward = torch_modules
+  device = _torch_device(torch)
   torch.manual_seed(0)
   layers = []
   for m, n in itertools.pairwise(widths):
     layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
-  trunk = torch.nn.Sequential(*layers)
+  trunk = torch.nn.Sequential(*layers).to(device)
   heads = torch.nn.ModuleList([torch.nn.Linear(widths[-1], 1) for _ in range(num_tasks)])
+  heads = heads.to(device)
   optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-3)
-  x, y = torch.randn(batch, widths[0]), torch.randn(batch, num_tasks)
+  x = torch.randn(batch, widths[0], device=device)
+  y = torch.randn(batch, num_tasks, device=device)
   aggregator = graddrop_aggregator()
 
   def step():
@@ -344,16 +561,16 @@ def _torchjd_step(widths: Sequence[int], batch: int, num_tasks: int) -> Callable
     jac_to_grad(list(trunk.parameters()), aggregator)
     optimizer.step()
 
-  return step
+  return _torch_timed(torch, device, step)
 
 
 def _param_level_row(
-  widths: Sequence[int], batch: int, num_tasks: int, chunk_sizes: Sequence[int], repeats: int
+  mlp: Mlp, num_tasks: int, chunk_sizes: Sequence[int], repeats: int
 ) -> dict[str, tuple[float, float]]:
   """``{method: (median seconds, scratch MiB)}`` at one number of tasks."""
-  params, trunk_fn, heads_fn = _mlp(widths, num_tasks)
-  x = jax.random.normal(jax.random.key(3), (batch, widths[0]))
-  y = jax.random.normal(jax.random.key(1), (batch, num_tasks))
+  params, trunk_fn, heads_fn = _mlp(mlp.widths, num_tasks)
+  x = jax.random.normal(jax.random.key(3), (mlp.batch, mlp.widths[0]))
+  y = jax.random.normal(jax.random.key(1), (mlp.batch, num_tasks))
 
   def task_losses(params):
     return jnp.mean((heads_fn(params["heads"], trunk_fn(params["trunk"], x)) - y) ** 2, axis=0)
@@ -398,11 +615,8 @@ def _param_level_row(
       (task_grads, stacked_tx.init(params), params),
     ),
   }
-  fns = {}
-  for label, (fn, args) in (steps | parts).items():
-    compiled = jax.jit(fn).lower(*args).compile()
-    fns[label] = lambda c=compiled, a=args: c(*a)
-  torchjd = _torchjd_step(widths, batch, num_tasks)
+  fns = {label: _compiled(fn, *args)[0] for label, (fn, args) in (steps | parts).items()}
+  torchjd = _torchjd_step(mlp.widths, mlp.batch, num_tasks)
   if torchjd is not None:
     fns["torchjd step"] = torchjd
   times = _interleaved_medians(fns, repeats)
@@ -410,31 +624,31 @@ def _param_level_row(
   return {label: (t, memory.get(label, float("nan"))) for label, t in times.items()}
 
 
-def run_param_level(quick: bool, repeats: int, out_dir: Any) -> str:
-  widths = [32, 64, 64] if quick else [512, 1024, 1024]
-  batch = 16 if quick else 256
-  tasks = [2, 4] if quick else [2, 8, 32, 64]
-  chunk_sizes = (1, 4)
+def run_param_level(
+  mlp: Mlp, repeats: int
+) -> tuple[str, dict[int, dict[str, tuple[float, float]]]]:
+  """The MLP's parameter-level steps at each of ``mlp.param_tasks``: a table, and
+  ``{T: {method: (median seconds, scratch MiB)}}`` to plot."""
   results = {
-    num_tasks: _param_level_row(widths, batch, num_tasks, chunk_sizes, repeats)
-    for num_tasks in tasks
+    num_tasks: _param_level_row(mlp, num_tasks, (1, 4), repeats) for num_tasks in mlp.param_tasks
   }
   rows = []
   for num_tasks, row in results.items():
-    torchjd = row.get("torchjd step", (float("nan"),))[0]
+    torchjd = row.get("torchjd step", (None,))[0]
     for label, (t, mib) in row.items():
-      rows.append([str(num_tasks), label, f"{1e3 * t:.1f}", f"{t / torchjd:.2f}x", f"{mib:.1f}"])
+      versus = "-" if torchjd is None else f"{t / torchjd:.2f}x"
+      memory = "-" if np.isnan(mib) else f"{mib:.1f}"
+      rows.append([str(num_tasks), label, f"{1e3 * t:.1f}", versus, memory])
     parts = row["parts: per-task gradients"][0] + row["parts: graddrop_transform + Adam"][0]
     fused = row["stacked step"][0] / parts
-    rows.append([str(num_tasks), "stacked step / sum of its parts", "", f"{fused:.2f}x", ""])
+    rows.append([str(num_tasks), "stacked step / sum of its parts", "", f"{fused:.2f}x", "-"])
   header = ["T", "method", "median ms", "vs torchjd step", "scratch MiB"]
-  table = _common.markdown_table(header, rows)
-  if out_dir is not None:
-    _plot_param_level(results, widths, out_dir)
-  return table
+  return _common.markdown_table(header, rows), results
 
 
-def _plot_param_level(results: dict[int, dict[str, tuple[float, float]]], widths, out_dir) -> None:
+def _plot_param_level(
+  results: dict[int, dict[str, tuple[float, float]]], title: str, out_dir: Any, name: str
+) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -455,8 +669,67 @@ def _plot_param_level(results: dict[int, dict[str, tuple[float, float]]], widths
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   ax_time.legend(fontsize=8)
-  figure.suptitle(f"Parameter-level GradDrop, MLP {'-'.join(map(str, widths))} + T heads, Adam")
-  _common.save_figure(figure, out_dir, "param_level")
+  figure.suptitle(title)
+  _common.save_figure(figure, out_dir, name)
+
+
+class ConvProblem(NamedTuple):
+  """The conv model of the parameter-level comparison and its data."""
+
+  channels: tuple[int, int]
+  hidden: int
+  image: int
+  batch: int
+  num_tasks: int
+  chunk_sizes: tuple[int, ...]
+
+  @property
+  def name(self) -> str:
+    c1, c2 = self.channels
+    return (
+      f"conv 3x3 {c1}-{c2}ch + linear {self.hidden}, {self.image}x{self.image}, "
+      f"batch {self.batch}, {self.num_tasks} binary tasks"
+    )
+
+
+CONV = ConvProblem((16, 16), 64, 16, 64, 40, (1, 8))
+QUICK_CONV = ConvProblem((4, 4), 8, 8, 8, 4, (1,))
+
+BACKWARD_LOOP = "T plain backward passes (a Python loop of one jitted jax.grad)"
+
+
+def run_conv_param_level(problem: ConvProblem, repeats: int) -> str:
+  """Every way to get a conv net's per-task gradients, against T plain backward passes."""
+  params, trunk_fn, heads_fn = _conv(problem.channels, problem.hidden, problem.num_tasks)
+  x = jax.random.normal(jax.random.key(3), (problem.batch, problem.image, problem.image, 3))
+  labels = jax.random.bernoulli(jax.random.key(1), 0.5, (problem.batch, problem.num_tasks))
+
+  def task_losses(params):
+    logits = heads_fn(params["heads"], trunk_fn(params["trunk"], x))
+    return optax.sigmoid_binary_cross_entropy(logits, labels).mean(0)
+
+  key = jax.random.key(2)
+  one_task = jax.jit(jax.grad(lambda p, i: task_losses(p)[i]))
+  tasks = range(problem.num_tasks)
+  jitted = {"jax.jacrev": jax.jacrev(task_losses)}
+  for chunk_size in (None, *problem.chunk_sizes):
+    jitted[f"per_task_value_and_grad, chunk_size={chunk_size}"] = ogd.per_task_value_and_grad(
+      task_losses, chunk_size=chunk_size
+    )
+  for chunk_size in (None, *problem.chunk_sizes):
+    jitted[f"graddrop_value_and_grad, chunk_size={chunk_size}"] = ogd.graddrop_value_and_grad(
+      task_losses, key, chunk_size=chunk_size
+    )
+  fns = {BACKWARD_LOOP: lambda: [one_task(params, i) for i in tasks]}
+  compile_seconds = {BACKWARD_LOOP: _compiled(one_task, params, 0)[1]}
+  for label, fn in jitted.items():
+    fns[label], compile_seconds[label] = _compiled(fn, params)
+  times = _interleaved_medians(fns, repeats)
+  rows = [
+    [label, f"{compile_seconds[label]:.2f}", f"{1e3 * t:.1f}", f"{t / times[BACKWARD_LOOP]:.2f}x"]
+    for label, t in times.items()
+  ]
+  return _common.markdown_table(["method", "compile s", "median ms", "vs T backward passes"], rows)
 
 
 # --- Scaling ------------------------------------------------------------------------
@@ -499,48 +772,111 @@ def run_scaling(tasks: Sequence[int], size: int, quick: bool, repeats: int) -> s
   return _common.markdown_table(header, rows)
 
 
-def main(argv: Sequence[str] | None = None) -> str:
+# --- Command line -------------------------------------------------------------------
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+  on_accelerator = jax.default_backend() != "cpu"
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
   parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
   parser.add_argument("--tasks", type=int, nargs="+", default=[8], help="T of the aggregation")
-  parser.add_argument("--size", type=int, default=10_000_000, help="entries per task")
+  parser.add_argument(
+    "--size",
+    type=int,
+    nargs="+",
+    default=[10_000_000, 100_000_000] if on_accelerator else [10_000_000],
+    help="entries per task of the aggregation (default: 10M, and 100M on GPU and TPU)",
+  )
   parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument(
+    "--mlp",
+    nargs="+",
+    choices=list(MLPS),
+    default=["large"] if on_accelerator else ["small"],
+    help="MLPs of the step and parameter-level sections (default: large on GPU and TPU)",
+  )
+  parser.add_argument(
+    "--precision",
+    nargs="+",
+    choices=list(PRECISIONS),
+    default=["float32", "tf32"] if jax.default_backend() == "gpu" else ["float32"],
+    help="precisions of the matrix products (default: float32, and tf32 on GPUs)",
+  )
   parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
-  args = parser.parse_args(argv)
-  repeats = 5 if args.quick else args.repeats
-  out_dir = _common.output_dir(args)
-  blocks = [f"Machine: {_common.machine()}"]
+  return parser.parse_args(argv)
+
+
+def _sections(args: argparse.Namespace, out_dir: Any) -> Iterator[str]:
+  """The markdown blocks of the chosen sections, one at a time."""
+  quick, repeats = args.quick, 5 if args.quick else args.repeats
+  float32 = "float32 (JAX `highest`)"
   if "aggregation" in args.sections:
-    size = 100_000 if args.quick else args.size
-    for num_tasks in args.tasks:
-      blocks.append("## Aggregation\n\n" + run_aggregation(num_tasks, size, repeats))
+    with _precision("float32"):
+      for size in [100_000] if quick else args.size:
+        for num_tasks in args.tasks:
+          yield "## Aggregation\n\n" + run_aggregation(num_tasks, size, repeats)
   if "tasks" in args.sections:
     # Sizes divisible by 4, as most parameters': each threefry call then
-    # serves four entries (other sizes spend one call per entry).
-    total = 102_400 if args.quick else 10_240_000
-    tasks = [8, 100] if args.quick else [8, 32, 100, 1000]
-    blocks.append(
-      f"## Many tasks ({total:,} entries in all)\n\n" + run_many_tasks(tasks, total, repeats)
-    )
-  if "steps" in args.sections:
-    blocks.append("## Training steps\n\n" + run_steps(args.quick, repeats))
-  if "param" in args.sections:
-    blocks.append(
-      "## Parameter level (stats on, Adam)\n\n"
-      + run_param_level(args.quick, max(repeats // 2, 3), out_dir)
-    )
+    # serves four entries. The second table shows what other sizes cost.
+    total = 102_400 if quick else 10_240_000
+    tasks = [8, 50] if quick else [8, 32, 100, 1000]
+    with _precision("float32"):
+      yield (
+        f"## Many tasks ({total:,} entries in all; PCGrad's and MGDA's Gram matrices in {float32})\n\n"
+        + run_many_tasks(tasks, total, repeats)
+      )
+      aligned, many = (12_800, 1_024) if quick else (1_280_000, 10_240)
+      cases = [(8, aligned + extra) for extra in ((0, 1) if quick else (0, 4, 2, 1))]
+      cases += [(tasks[-1], many), (tasks[-1], 1_000 if quick else 10_000)]
+      yield "## Unaligned sizes\n\n" + run_unaligned(cases, repeats)
+  mlps = [QUICK_MLP] if quick else [MLPS[name] for name in args.mlp]
+  for precision in args.precision:
+    described = PRECISIONS[precision][2]
+    with _precision(precision):
+      if "steps" in args.sections:
+        yield f"## Training steps (matmuls in {described})\n\n" + run_steps(mlps, quick, repeats)
+      if "param" in args.sections:
+        for mlp in mlps:
+          table, results = run_param_level(mlp, max(repeats // 2, 3))
+          if out_dir is not None and precision == args.precision[0] and mlp == mlps[0]:
+            backend = jax.default_backend()
+            title = f"Parameter-level GradDrop, {mlp.name} + T heads, Adam ({backend})"
+            name = "param_level" + ("" if backend == "cpu" else f"_{backend}")
+            _plot_param_level(results, title, out_dir, name)
+          yield f"## Parameter level, {mlp.name} (stats on, Adam; matmuls in {described})\n\n{table}"
+      if "param" in args.sections and precision == args.precision[0]:
+        conv = QUICK_CONV if quick else CONV
+        yield (
+          f"## Parameter level, {conv.name} (matmuls and convs in {described})\n\n"
+          + run_conv_param_level(conv, max(repeats // 3, 3))
+        )
+  if "leaves" in args.sections:
+    divisor, blocks = (16, 1) if quick else (1, 16)
+    shapes = [tuple(max(d // divisor, 3) for d in shape) for shape in LEAF_SHAPES] * blocks
+    yield "## Leaf count\n\n" + run_leaves(shapes, 8, repeats)
   if "scaling" in args.sections:
-    size = 10_000 if args.quick else 1_000_000
-    tasks = [2, 8] if args.quick else [2, 8, 40]
-    blocks.append(
-      f"## Scaling (N = {size:,} per task)\n\n" + run_scaling(tasks, size, args.quick, repeats)
-    )
-  text = "\n\n".join(blocks)
-  print(text)
-  if out_dir is not None and not args.quick:
-    _common.write_text(out_dir, f"speed_{jax.default_backend()}", text)
-  return text
+    size = 10_000 if quick else 1_000_000
+    tasks = [2, 8] if quick else [2, 8, 40]
+    with _precision("float32"):
+      yield (
+        f"## Scaling (N = {size:,} per task; the fork step's matmuls in {float32})\n\n"
+        + run_scaling(tasks, size, quick, repeats)
+      )
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+  args = _parse(argv)
+  out_dir = _common.output_dir(args)
+  blocks = [f"Machine: {_common.machine()}; {_torch_line()}"]
+  print(blocks[0], flush=True)
+  for block in _sections(args, out_dir):
+    # Each block as it comes, so that a run cut short keeps what it measured.
+    print(f"\n{block}", flush=True)
+    blocks.append(block)
+    if out_dir is not None:
+      _common.write_text(out_dir, f"speed_{jax.default_backend()}", "\n\n".join(blocks))
+  return "\n\n".join(blocks)
 
 
 if __name__ == "__main__":

@@ -35,16 +35,31 @@ def test_speed_benchmark_quick_prints_ratios(capsys, tmp_path):
   text = _load("benchmarks/speed.py").main(["--quick", "--tasks", "2", "3", "--out", str(tmp_path)])
   out = capsys.readouterr().out
   assert text in out and "Machine:" in text
-  for section in ("Aggregation", "Many tasks", "Training steps", "Parameter level", "Scaling"):
-    assert f"## {section}" in text
+  blocks = text.split("\n## ")[1:]
+  sections = ["Aggregation", "Many tasks", "Unaligned sizes", "Leaf count", "Training steps"]
+  for section in [*sections, "Parameter level, MLP", "Parameter level, conv", "Scaling"]:
+    assert any(block.startswith(section) for block in blocks), section
+  aggregation = [block for block in blocks if block.startswith("Aggregation")]
+  assert len(aggregation) == 2  # T = 2 and 3
   for method in ("plain sum (floor)", "graddrop", "graddrop_transform.update (defaults: stats on)"):
-    assert f"| {method} |" in text
-  rows = [line for line in text.splitlines() if "| graddrop |" in line]
+    assert all(f"| {method} |" in block for block in aggregation)
+  rows = [line for block in aggregation for line in block.splitlines() if "| graddrop |" in line]
   assert len(rows) == 2
-  assert all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
-  for method in ("stacked step", "streaming step, chunk_size=1", "stacked step / sum of its parts"):
-    assert sum(f"| {method} |" in line for line in text.splitlines()) == 2  # T = 2 and 4
-  assert (tmp_path / "param_level.png").stat().st_size > 10_000
+  for row in rows:
+    vs_floor, bandwidth = (cell.strip() for cell in row.split("|")[-3:-1])
+    assert float(vs_floor.rstrip("x")) > 0 and float(bandwidth.rstrip("%")) > 0
+  (many_tasks,) = [block for block in blocks if block.startswith("Many tasks")]
+  assert all(f"| {method} |" in many_tasks for method in ("graddrop", "pcgrad", "mgda"))
+  steps = ("stacked step", "streaming step, chunk_size=1", "stacked step / sum of its parts")
+  for block in blocks:
+    if block.startswith("Parameter level, MLP"):  # once per matmul precision
+      for method in steps:
+        assert sum(f"| {method} |" in line for line in block.splitlines()) == 2  # T = 2 and 4
+  assert "| graddrop_value_and_grad, chunk_size=1 |" in text  # the conv model's rows
+  (written,) = tmp_path.glob("speed_*.md")
+  assert written.read_text().strip().endswith(text)
+  (plot,) = tmp_path.glob("param_level*.png")
+  assert plot.stat().st_size > 10_000
 
 
 def test_toy_benchmark_quick_writes_tables_and_figure(tmp_path, capsys):
