@@ -555,7 +555,8 @@ def test_preserve_norm_rescales_to_the_plain_sums_norm_unlike_lingvos_first_form
   norm_t, norm_o = jnp.linalg.norm(t), jnp.linalg.norm(o)
   preserved = ogd.graddrop(task_grads, key, preserve_norm=True)
   tolerances.assert_sums_close(preserved, t * norm_o / norm_t, 256 + NUM_TASKS)
-  np.testing.assert_allclose(jnp.linalg.norm(preserved), norm_o, rtol=1e-5)
+  norm_rtol = tolerances.summation_rtol(jnp.float32, 256 + NUM_TASKS)
+  np.testing.assert_allclose(jnp.linalg.norm(preserved), norm_o, rtol=norm_rtol)
   # lingvo since February 2021 (commit ae4d22f): t ||o|| / (||t|| + 1e-7), the same.
   tolerances.assert_sums_close(preserved, t * norm_o / (norm_t + 1e-7), 256 + NUM_TASKS)
   # lingvo's first release (October 2020): t ||t|| / (||o|| + 1e-7), of norm ||t||^2 / ||o||.
@@ -618,7 +619,9 @@ def test_global_norm_clipping_before_the_aggregator_clips_the_stack_not_the_upda
   before = _first_updates(
     [optax.clip_by_global_norm(max_norm), ogd.graddrop_transform(key)], task_grads, params
   )
-  np.testing.assert_allclose(optax.tree.norm(after), max_norm, rtol=1e-5)
+  # The global norm of the 64-entry update, before and after the scaling.
+  rtol = tolerances.summation_rtol(jnp.float32, 2 * 64)
+  np.testing.assert_allclose(optax.tree.norm(after), max_norm, rtol=rtol)
   # Before: the whole [T, ...] stack is scaled to norm 1 and GradDrop (scale
   # invariant) combines the scaled tasks: the same masks, and an update whose
   # norm the clipping does not bound (up to sqrt(T) for aligned tasks).
