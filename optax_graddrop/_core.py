@@ -274,9 +274,16 @@ def finish(
   )
 
 
-def _stats(
+def stats_from_codes(
   codes: Sequence[tuple[jax.Array, bool]], num_scalars: int, num_tasks: int
 ) -> GradDropStats:
+  """:class:`GradDropStats` from drop codes (see :func:`finish`).
+
+  Args:
+    codes: ``(code, sharded)`` of every segment.
+    num_scalars: the elements GradDrop decided on, over all segments.
+    num_tasks: ``T``.
+  """
   conflicts, dropped = (count.astype(jnp.float32) for count in _count_drops(codes))
   return GradDropStats(
     conflict_fraction=conflicts / max(num_scalars, 1),
@@ -341,7 +348,7 @@ def finish_tree(
   if not return_stats:
     return [outputs[i] for i in range(len(shapes))], None
   num_scalars = sum(math.prod(shapes[i]) for s in segments for i in s.leaves)
-  return [outputs[i] for i in range(len(shapes))], _stats(codes, num_scalars, num_tasks)
+  return [outputs[i] for i in range(len(shapes))], stats_from_codes(codes, num_scalars, num_tasks)
 
 
 def segment_sums(

@@ -228,7 +228,7 @@ def graddrop_activation(
   if not return_stats:
     return result
   num_signals = sum(math.prod(shape) for shape in signal_shapes)
-  return result, _core._stats(codes, num_signals, num_tasks)
+  return result, _core.stats_from_codes(codes, num_signals, num_tasks)
 
 
 def fork(
