@@ -13,7 +13,9 @@
 # SPEED_TIMEOUT (default 240 s) and TESTS_TIMEOUT (default 300 s) bound them,
 # and speed.py rewrites its results file after every section, so a part cut
 # short keeps what it measured. WORKERS (default 8) sets pytest's -n; PYTHON
-# (default python3) the interpreter.
+# (default python3) the interpreter; SPEED_ARGS adds options to speed.py (a
+# rerun of some sections: SPEED_ARGS="--sections leaves scaling"), and TESTS
+# names the test files to run instead of the whole suite.
 #
 # The device image has jax, flax, optax, chex, hypothesis, pytest-xdist and
 # torch, not torchjd: download its wheel here (`python -m pip download
@@ -62,6 +64,8 @@ if [ "$quick" = 1 ]; then
 else
   speed_args=(--out benchmarks/results)
 fi
+read -r -a extra <<< "${SPEED_ARGS:-}"
+speed_args+=("${extra[@]}")
 echo "== speed.py ${speed_args[*]} (up to ${SPEED_TIMEOUT:-240} s) -> $out/speed.log"
 timeout "${SPEED_TIMEOUT:-240}" "$python" benchmarks/speed.py "${speed_args[@]}" \
   > "$out/speed.log" 2>&1
@@ -75,6 +79,9 @@ fi
 tests=()
 if [ "$quick" = 1 ]; then
   tests=(tests/test_streaming.py)
+fi
+if [ -n "${TESTS:-}" ]; then
+  read -r -a tests <<< "$TESTS"
 fi
 ignore=()
 "$python" -c "import nbclient, nbformat" 2> /dev/null || ignore=(--ignore=tests/test_notebooks.py)
