@@ -15,7 +15,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optax_graddrop import _chunks
 from optax_graddrop import _core
 from optax_graddrop import _graddrop
 from optax_graddrop import _layout
@@ -43,8 +42,9 @@ def graddrop_value_and_grad(
 
   ``fun`` returns a vector of ``T`` task losses. The returned function
   computes them with one forward pass, runs the per-task backward passes
-  ``chunk_size`` tasks at a time (a ``vmap`` over a chunk, a ``fori_loop``
-  over chunks), adds each task's gradient to per-element running sums (the
+  in a loop (on CPU one task per pass, where batching them gains nothing;
+  on GPU and TPU ``chunk_size`` tasks per batched pass), adds each task's
+  gradient to per-element running sums (the
   sums of its positive and negative entries, and their counts), and
   finishes GradDrop (paper eqs. 1-3) from the sums::
 
@@ -68,8 +68,9 @@ def graddrop_value_and_grad(
     key: a PRNG key for this call; use a fresh one every step.
     argnums: which positional argument(s) to differentiate.
     has_aux: whether ``fun`` returns ``(losses, aux)``.
-    chunk_size: tasks per backward pass; ``None`` for all at once (one
-      batched pass, ``T`` copies of the backward intermediates).
+    chunk_size: the most tasks per backward pass, which bounds memory to
+      ``chunk_size`` copies of the backward intermediates; ``None`` for no
+      bound (on GPU and TPU one batched pass over all tasks).
     leak: as for :func:`graddrop`.
     keep: as for :func:`graddrop`.
     scale: as for :func:`graddrop`.
@@ -129,17 +130,9 @@ def graddrop_value_and_grad(
     )
     count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
 
-    def task_rows(start: Any, size: int) -> list[jax.Array]:
-      cotangents = _per_task.task_cotangents(num_tasks, start, size, losses.dtype)
-      if size == 1:
-        grads = jax.tree.map(lambda g: g[None], grad_of(cotangents[0]))
-      else:
-        grads = jax.vmap(grad_of)(cotangents)
-      return [_graddrop.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
-
-    def add_chunk(acc: Any, start: Any, size: int, in_loop: bool) -> Any:
+    def add_chunk(acc: Any, grads: Any, start: Any, size: int, in_loop: bool) -> Any:
       sums, plain = acc
-      rows = task_rows(start, size)
+      rows = [_graddrop.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
       chunk_leak = (
         None if leak_per_task is None else jax.lax.dynamic_slice_in_dim(leak_per_task, start, size)
       )
@@ -166,8 +159,9 @@ def graddrop_value_and_grad(
       for i, chosen in enumerate(selected)
       if not chosen
     }
-    chunk = num_tasks if chunk_size is None else min(chunk_size, num_tasks)
-    sums, plain = _chunks.over_chunks((init, plain), num_tasks, chunk, add_chunk)
+    sums, plain = _per_task.fold_task_grads(
+      grad_of, num_tasks, losses.dtype, chunk_size, (init, plain), add_chunk
+    )
     outputs, stats = _core.finish_tree(
       segments,
       sums,
