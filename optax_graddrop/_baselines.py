@@ -9,8 +9,7 @@ number of parameters.
 
 The traced program does not grow with ``T`` either: the Gram matrix is
 matrix products, PCGrad's projections a ``vmap`` over the tasks of a
-``scan`` over the other tasks, MGDA a vectorised search over pairs of tasks
-followed by Frank-Wolfe steps in a ``while_loop``.
+``scan`` over the other tasks, MGDA's solver a ``while_loop``.
 """
 
 from __future__ import annotations
@@ -32,10 +31,12 @@ from optax_graddrop import _validation
 # Inner products are float32 sums whatever the backend's default for matrix
 # products (TF32 on recent GPUs, which would be wrong in the 4th digit).
 _HIGHEST = jax.lax.Precision.HIGHEST
-# XLA:CPU multiplies the task gradients in column chunks of about this many
-# entries (``T x columns``, 2 MiB of float32) that stay in cache, between
-# these bounds on the columns; one product over a whole ``[T, N]`` stack is
-# several times slower there.
+# On XLA:CPU, up to this many tasks have all their T (T + 1) / 2 inner
+# products formed in one fused pass over the gradients; more are multiplied
+# in column chunks of about _CHUNK_ENTRIES entries (T x columns, 2 MiB of
+# float32) that stay in cache, between _CHUNK_COLUMNS columns. One product
+# over a whole [T, N] stack is several times slower there (measured).
+_PAIRED_TASKS = 5
 _CHUNK_ENTRIES = 2**19
 _CHUNK_COLUMNS = (2**10, 2**16)
 
@@ -58,10 +59,20 @@ def _inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
   )
 
 
+def _paired_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
+  """:func:`_inner_products` of a few tasks: sums of their elementwise
+  products, all in one pass over ``rows``."""
+  num_tasks = rows.shape[0]
+  flat = rows.reshape(num_tasks, -1)
+  pairs = [(i, j) for i in range(num_tasks) for j in range(i, num_tasks)]
+  products = [flat[i].astype(dtype) * flat[j].astype(dtype) for i, j in pairs]
+  inner = dict(zip(pairs, _sums.sum_all(products, dtype)))
+  tasks = range(num_tasks)
+  return jnp.stack([jnp.stack([inner[min(i, j), max(i, j)] for j in tasks]) for i in tasks])
+
+
 def _chunked_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
   """:func:`_inner_products` summed over column chunks that fit in cache."""
-  if _layout.explicitly_sharded(rows):
-    return _inner_products(rows, dtype)
   num_tasks = rows.shape[0]
   flat = rows.reshape(num_tasks, -1)
   low, high = _CHUNK_COLUMNS
@@ -77,12 +88,22 @@ def _chunked_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
   return _chunks.over_chunks(zeros, flat.shape[1], columns, add_chunk)
 
 
+def _cpu_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
+  """XLA:CPU's schedule for :func:`_inner_products` (see ``_PAIRED_TASKS``)."""
+  if _layout.explicitly_sharded(rows):
+    return _inner_products(rows, dtype)  # each device's part, then a sum
+  if rows.shape[0] <= _PAIRED_TASKS:
+    return _paired_inner_products(rows, dtype)
+  return _chunked_inner_products(rows, dtype)
+
+
 def _gram(task_grads: Any) -> jax.Array:
   """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider.
 
-  One matrix product per leaf; on CPU, a loop of products over column chunks
-  (:func:`_chunked_inner_products`). Both are plain functions of the leaves,
-  so tests call each on any backend.
+  One matrix product per leaf; on CPU, sums of elementwise products for a
+  few tasks and a loop of products over column chunks for more
+  (:func:`_cpu_inner_products`). Each schedule is a plain function of the
+  leaves, so tests call each on any backend.
   """
   leaves = jax.tree.leaves(task_grads)
   dtype = _sums.compute_dtype(jnp.result_type(*leaves))
@@ -91,7 +112,7 @@ def _gram(task_grads: Any) -> jax.Array:
     return lambda *leaves: sum(product(leaf, dtype) for leaf in leaves)
 
   return jax.lax.platform_dependent(
-    *leaves, cpu=gram_of(_chunked_inner_products), default=gram_of(_inner_products)
+    *leaves, cpu=gram_of(_cpu_inner_products), default=gram_of(_inner_products)
   )
 
 
@@ -149,16 +170,17 @@ def _projection_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   """``orders[i]``: the tasks other than ``i``, in the order PCGrad projects
   task ``i``'s gradient off them; ``int32 [T, T - 1]``.
 
-  Row ``i`` is ``jax.random.permutation(keys[i], others)`` with ``keys =
-  jax.random.split(key, T)`` and ``others`` the tasks other than ``i`` in
-  increasing order: a loop over ``i`` (``lax.map``, which compiles the
-  permutation once and gives a Python loop's orders for every key
-  implementation).
+  Row ``i`` ranks the other tasks (in increasing order) by the 32-bit draws
+  ``jax.random.bits(key, (T, T - 1))[i]``: a uniformly random permutation
+  (equal draws, about ``T^3 / 2^33`` pairs of them over all rows, keep the
+  increasing order). One draw for all rows compiles about twice as fast as
+  one ``jax.random.permutation`` per row; drawn flat, which gives the same
+  values, faster still.
   """
-  keys = jax.random.split(key, num_tasks)
-  positions = jnp.arange(num_tasks - 1, dtype=jnp.int32)
-  others = positions + (positions >= jnp.arange(num_tasks, dtype=jnp.int32)[:, None])
-  return jax.lax.map(lambda row: jax.random.permutation(*row), (keys, others))
+  draws = jax.random.bits(key, (num_tasks * (num_tasks - 1),)).reshape(num_tasks, num_tasks - 1)
+  ranks = jnp.argsort(draws, axis=1, stable=True).astype(jnp.int32)
+  # Position k among the others of task i is task k, or k + 1 from i on.
+  return ranks + (ranks >= jnp.arange(num_tasks, dtype=jnp.int32)[:, None])
 
 
 def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
@@ -173,10 +195,10 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   others in sequence (a ``scan``), so the program does not grow with ``T``;
   the work is ``O(T^3)``.
 
-  Orders: task ``i`` meets the others in the order
-  ``jax.random.permutation(keys[i], others)``, ``keys = jax.random.split(key,
-  T)``, ``others`` the other tasks in increasing order, for every key
-  implementation; the same with and without ``jax.jit``.
+  Orders: task ``i`` meets the others ranked by the 32-bit draws
+  ``jax.random.bits(key, (T, T - 1))[i]`` (the others in increasing order,
+  sorted by the draws): a uniformly random order per task, a function of
+  ``key`` alone, the same with and without ``jax.jit``.
 
   Derivatives are those of this computation: where no inner product is zero
   or on the edge of a conflict, the weights are a smooth function of the
@@ -200,7 +222,6 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
     return jnp.ones((1,), gram.dtype)
   orders = _projection_orders(key, num_tasks)
   norms = jnp.diagonal(gram)
-
   tasks = jnp.arange(num_tasks)
 
   def project(inner: jax.Array, order: jax.Array) -> jax.Array:
@@ -260,39 +281,20 @@ def pcgrad(task_grads: Any, key: jax.Array, *, mask: Any = None) -> Any:
   return _combine_masked(task_grads, mask, lambda gram: pcgrad_weights(gram, key))
 
 
-def _segment_min(aa: jax.Array, ab: jax.Array, bb: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``gamma`` minimising ``|gamma a + (1 - gamma) b|^2`` from the inner
-  products ``aa = <a, a>``, ``ab``, ``bb`` (elementwise); and that squared norm."""
-  denominator = aa - 2 * ab + bb
-  gamma = jnp.clip((bb - ab) / jnp.where(denominator > 0, denominator, 1), 0, 1)
-  gamma = jnp.where(denominator > 0, gamma, jnp.where(aa < bb, 1.0, 0.0))
-  return gamma, gamma**2 * aa + 2 * gamma * (1 - gamma) * ab + (1 - gamma) ** 2 * bb
-
-
-def _best_pair(gram: jax.Array) -> jax.Array:
-  """The weights of the minimum-norm point over all segments ``[g_i, g_j]``.
-
-  All pairs at once; ties go to the first pair ``i < j`` in row-major order.
-  """
-  num_tasks = gram.shape[0]
-  norms = jnp.diagonal(gram)
-  gamma, norm_sq = _segment_min(norms[:, None], gram, norms)
-  tasks = jnp.arange(num_tasks)
-  i, j = jnp.divmod(jnp.argmin(jnp.where(tasks[:, None] < tasks, norm_sq, jnp.inf)), num_tasks)
-  return jnp.zeros(num_tasks, gram.dtype).at[i].add(gamma[i, j]).at[j].add(1 - gamma[i, j])
-
-
-def _pairwise_frank_wolfe(gram: jax.Array, weights: jax.Array, max_steps: int) -> jax.Array:
+def _pairwise_frank_wolfe(gram: jax.Array, max_steps: int) -> jax.Array:
   """Minimises ``w^T G w`` over the simplex by pairwise Frank-Wolfe steps.
 
-  Each step moves weight from the task with non-zero weight whose gradient
-  has the largest inner product with ``d = sum_k w_k g_k`` to the task with
-  the smallest, by exact line search; a step that empties a task sets its
-  weight to exactly 0. It stops when the duality gap ``<d, d> - min_i <g_i,
-  d>`` is within rounding (``T`` ulps of the largest ``|g_i|^2``), or after
-  ``max_steps`` steps.
+  From the shortest gradient, each step moves weight from the task with
+  non-zero weight whose gradient has the largest inner product with ``d =
+  sum_k w_k g_k`` to the task with the smallest, by exact line search; a
+  step that empties a task sets its weight to exactly 0. It stops when the
+  duality gap ``<d, d> - min_i <g_i, d>`` is within rounding (``T`` ulps of
+  the largest ``|g_i|^2``), or after ``max_steps`` steps.
   """
-  tolerance = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(jnp.diagonal(gram))
+  norms = jnp.diagonal(gram)
+  tolerance = gram.shape[0] * jnp.finfo(gram.dtype).eps * jnp.max(norms)
+  tasks = jnp.arange(gram.shape[0])
+  weights = (tasks == jnp.argmin(norms)).astype(gram.dtype)
 
   def inner(weights: jax.Array) -> jax.Array:
     return jnp.matmul(gram, weights, precision=_HIGHEST)  # <g_i, d> for every i
@@ -306,10 +308,12 @@ def _pairwise_frank_wolfe(gram: jax.Array, weights: jax.Array, max_steps: int) -
     toward = jnp.argmin(products)
     away = jnp.argmax(jnp.where(weights > 0, products, -jnp.inf))
     slope = products[toward] - products[away]
-    curvature = gram[toward, toward] - 2 * gram[toward, away] + gram[away, away]
+    curvature = norms[toward] - 2 * gram[toward, away] + norms[away]
     gamma = jnp.clip(-slope / jnp.where(curvature > 0, curvature, 1), 0, weights[away])
     gamma = jnp.where(curvature > 0, gamma, 0)
-    weights = weights.at[toward].add(gamma).at[away].add(-gamma)
+    # Emptying ``away`` leaves exactly 0 there: ``gamma`` is then its weight.
+    moved = jnp.where(tasks == away, weights - gamma, weights)
+    weights = jnp.where(tasks == toward, moved + gamma, moved)
     return step + 1, weights, inner(weights)
 
   return jax.lax.while_loop(not_done, pairwise_step, (0, weights, inner(weights)))[1]
@@ -320,10 +324,14 @@ def _min_norm_weights(gram: jax.Array, max_steps: int) -> jax.Array:
   num_tasks = gram.shape[0]
   if num_tasks == 1:
     return jnp.ones((1,), gram.dtype)
-  weights = _best_pair(gram)
   if num_tasks == 2:
-    return weights
-  return _pairwise_frank_wolfe(gram, weights, max_steps)
+    # The closed form: gamma minimising |gamma g_0 + (1 - gamma) g_1|^2.
+    aa, ab, bb = gram[0, 0], gram[0, 1], gram[1, 1]
+    denominator = aa - 2 * ab + bb
+    gamma = jnp.clip((bb - ab) / jnp.where(denominator > 0, denominator, 1), 0, 1)
+    gamma = jnp.where(denominator > 0, gamma, jnp.where(aa < bb, 1.0, 0.0))
+    return jnp.stack([gamma, 1 - gamma])
+  return _pairwise_frank_wolfe(gram, max_steps)
 
 
 @_min_norm_weights.defjvp
@@ -358,12 +366,12 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
 
   Minimises ``w^T G w`` over the simplex: the closed form for two tasks;
   otherwise pairwise Frank-Wolfe steps with exact line search (Lacoste-Julien
-  & Jaggi 2015; Sener & Koltun 2018 use plain Frank-Wolfe steps, which
-  converge slowly when many tasks share the optimum) from the best pair of
-  tasks, until the duality gap ``<d, d> - min_i <g_i, d>`` (``d = sum_k w_k
-  g_k``) is within ``T`` ulps of the largest ``|g_i|^2``. The pair search is
-  vectorised over the ``T x T`` matrix and the steps run in a
-  ``while_loop``, so the program does not grow with ``T``.
+  & Jaggi 2015; Sener & Koltun 2018 use plain Frank-Wolfe steps from the
+  best pair of tasks, which converge slowly when many tasks share the
+  optimum) from the shortest gradient, until the duality gap ``<d, d> -
+  min_i <g_i, d>`` (``d = sum_k w_k g_k``) is within ``T`` ulps of the
+  largest ``|g_i|^2``. The steps run in a ``while_loop``, so the program does
+  not grow with ``T``; each costs ``O(T^2)``.
 
   Derivatives (``jax.grad``, ``jax.jvp``) are those of the exact minimum-norm
   weights, from its optimality conditions on the tasks of non-zero weight

@@ -55,10 +55,10 @@ def test_pcgrad_leaves_agreeing_gradients_unchanged():
 
 
 def _orders(key, num_tasks):
-  """PCGrad's documented orders: one permutation of the other tasks per task."""
-  keys = jax.random.split(key, num_tasks)
-  others = [jnp.array([j for j in range(num_tasks) if j != i], jnp.int32) for i in range(num_tasks)]
-  return [np.asarray(jax.random.permutation(keys[i], others[i])) for i in range(num_tasks)]
+  """PCGrad's documented orders: the other tasks of each task ranked by 32-bit draws."""
+  draws = np.asarray(jax.random.bits(key, (num_tasks, num_tasks - 1)))
+  others = [np.array([j for j in range(num_tasks) if j != i]) for i in range(num_tasks)]
+  return [others[i][np.argsort(draws[i], kind="stable")] for i in range(num_tasks)]
 
 
 def _reference_pcgrad(g, orders):
@@ -100,7 +100,7 @@ def test_projection_orders_are_the_documented_stream(impl):
 
 def test_pcgrad_is_deterministic_given_the_key_and_the_order_matters():
   g = _tree(np.random.default_rng(1).normal(size=(4, 7)))
-  chex.assert_trees_all_equal(ogd.pcgrad(g, jax.random.key(0)), _pcgrad(g, jax.random.key(0)))
+  chex.assert_trees_all_equal(_pcgrad(g, jax.random.key(0)), _pcgrad(g, jax.random.key(0)))
   outs = {tuple(_flat(_pcgrad(g, jax.random.key(k))).round(5)) for k in range(8)}
   assert len(outs) > 1
 
@@ -165,12 +165,16 @@ def test_mgda_has_minimal_norm_among_convex_combinations(num_tasks, seed):
 
 @pytest.mark.parametrize("num_tasks", [3, 600])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_both_gram_schedules_equal_the_inner_products(num_tasks, dtype):
-  """The one-product schedule and CPU's chunked loop (columns in several chunks)."""
+def test_every_gram_schedule_equals_the_inner_products(num_tasks, dtype):
+  """One product (GPU, TPU), and CPU's paired sums (few tasks) and chunked
+  products (more, here over several chunks of columns)."""
   size = 2 * _baselines._CHUNK_COLUMNS[1] + 7 if num_tasks < 8 else 2500
   g = jax.random.normal(jax.random.key(num_tasks), (num_tasks, size), dtype)
   expected = np.asarray(g, np.float64) @ np.asarray(g, np.float64).T
-  for schedule in (_baselines._inner_products, _baselines._chunked_inner_products):
+  schedules = [_baselines._inner_products, _baselines._chunked_inner_products]
+  if num_tasks <= _baselines._PAIRED_TASKS:
+    schedules.append(_baselines._paired_inner_products)
+  for schedule in schedules:
     gram = jax.jit(schedule, static_argnums=1)(g, jnp.float32)
     assert gram.dtype == jnp.float32
     tolerances.assert_sums_close(gram, expected, terms=size, accumulate=jnp.float32)
@@ -232,7 +236,12 @@ def _distance_to_a_kink(g, aggregator):
 @pytest.mark.parametrize(("aggregator", "num_tasks", "seed"), [("pcgrad", 3, 3), ("mgda", 5, 0)])
 def test_derivatives_equal_central_differences(aggregator, num_tasks, seed):
   """The weights are differentiated (MGDA's implicitly, at its optimum)."""
-  aggregate = {"pcgrad": lambda g: ogd.pcgrad(g, jax.random.key(1)), "mgda": ogd.mgda}[aggregator]
+  key = jax.random.key(1)
+  aggregate = {"pcgrad": lambda g: ogd.pcgrad(g, key), "mgda": ogd.mgda}[aggregator]
+  weights = {
+    "pcgrad": lambda g: ogd.pcgrad_weights(_baselines._gram(g), key),
+    "mgda": lambda g: ogd.mgda_weights(_baselines._gram(g)),
+  }[aggregator]
   with enable_x64():
     rng = np.random.default_rng(seed)
     # A common component: some pairs agree (PCGrad), one task has zero weight (MGDA).
@@ -243,21 +252,21 @@ def test_derivatives_equal_central_differences(aggregator, num_tasks, seed):
     g = _tree(vectors, jnp.float64)
     direction = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape)), g)
     cotangent = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape[1:])), g)
-    loss = jax.jit(lambda g: optax.tree.vdot(cotangent, aggregate(g)))
-    shifted = lambda t: jax.tree.map(lambda x, v: x + t * v, g, direction)  # noqa: E731
-    expected = (loss(shifted(1e-5)) - loss(shifted(-1e-5))) / 2e-5
-    grad = jax.jit(jax.grad(loss))(g)
-    np.testing.assert_allclose(optax.tree.vdot(grad, direction), expected, rtol=1e-7)
-    tangent = jax.jit(lambda g, v: jax.jvp(aggregate, (g,), (v,))[1])(g, direction)
-    np.testing.assert_allclose(optax.tree.vdot(cotangent, tangent), expected, rtol=1e-7)
-    # Not the derivative with the weights held constant.
-    weights = {"pcgrad": ogd.pcgrad_weights, "mgda": ogd.mgda_weights}[aggregator]
-    gram = jnp.asarray(vectors @ vectors.T)
-    constant = weights(gram, jax.random.key(1)) if aggregator == "pcgrad" else weights(gram)
-    held = optax.tree.vdot(
-      cotangent, jax.tree.map(lambda v: jnp.tensordot(constant, v, 1), direction)
-    )
-    assert abs(held - expected) > 1e-3 * abs(expected)
+
+    @jax.jit  # one compilation for all four
+    def derivatives(g, direction):
+      loss = lambda g: optax.tree.vdot(cotangent, aggregate(g))  # noqa: E731
+      shifted = lambda t: jax.tree.map(lambda x, v: x + t * v, g, direction)  # noqa: E731
+      central = (loss(shifted(1e-5)) - loss(shifted(-1e-5))) / 2e-5
+      backward = optax.tree.vdot(jax.grad(loss)(g), direction)
+      forward = optax.tree.vdot(cotangent, jax.jvp(aggregate, (g,), (direction,))[1])
+      constant = jax.tree.map(lambda v: jnp.tensordot(weights(g), v, 1), direction)
+      return central, backward, forward, optax.tree.vdot(cotangent, constant)
+
+    central, backward, forward, held_constant = derivatives(g, direction)
+    np.testing.assert_allclose(backward, central, rtol=1e-7)
+    np.testing.assert_allclose(forward, central, rtol=1e-7)
+    assert abs(held_constant - central) > 1e-3 * abs(central)
 
 
 def test_sum_and_mean():
