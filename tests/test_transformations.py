@@ -418,6 +418,30 @@ def test_graddrop_derivative_at_zero_entries_of_agreeing_scalars_is_one():
   np.testing.assert_array_equal(_leak_factors(task_grads, key, LEAK), np.ones_like(grad))
 
 
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_graddrop_derivative_at_zero_entries_of_conflicting_scalars_is_the_mean(mode):
+  # A zero entry where the other tasks disagree in sign is a kink: its
+  # one-sided derivatives are those of keeping it (l + (1 - l)) and of
+  # dropping it (l). The documented derivative is their mean.
+  task_grads = jnp.array([[0.0, 1.0], [2.0, -1.0], [-1.0, 0.0]])
+  key = jax.random.key(0)
+  leak = jnp.array([0.25, 0.0, 0.5])
+
+  def out(g):
+    return jnp.sum(ogd.graddrop(g, key, leak=leak))
+
+  if mode == "reverse":
+    grad = jax.jit(jax.grad(out))(task_grads)
+  else:
+    basis = jnp.eye(task_grads.size).reshape(-1, *task_grads.shape)
+    grad = jax.vmap(lambda d: jax.jvp(out, (task_grads,), (d,))[1])(basis).reshape(task_grads.shape)
+  zero = task_grads == 0
+  expected = jnp.where(
+    zero, leak[:, None] + (1 - leak[:, None]) / 2, _leak_factors(task_grads, key, leak)
+  )
+  np.testing.assert_array_equal(grad, expected)
+
+
 # Learning-rate meta-gradients through two optimizer steps (issue 21: the
 # aggregators' derivatives were silently zero on CPU, which gave -5.821
 # instead of -4.579 on such a problem).
