@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from optax_graddrop import _chunks
 from optax_graddrop import _cpu_conv
+from optax_graddrop import _layout
 
 
 def _loss_vector(losses: Any) -> jax.Array:
@@ -219,12 +220,23 @@ def per_task_value_and_grad(
     losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)
     num_tasks = losses.shape[0]
     shapes = jax.eval_shape(grad_of, jnp.zeros(num_tasks, losses.dtype))
-    stack = jax.tree.map(lambda s: jnp.zeros((num_tasks, *s.shape), s.dtype), shapes)
+    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    stack = jax.tree.map(lambda s, p: _zero_rows(num_tasks, s, p), shapes, primal)
     task_grads = fold_task_grads(grad_of, num_tasks, losses.dtype, chunk_size, stack, _put)
     value = (losses, aux) if has_aux else losses
     return value, task_grads
 
   return value_and_task_grads
+
+
+def _zero_rows(num_tasks: int, shape: jax.ShapeDtypeStruct, primal: Any) -> jax.Array:
+  """Zeros ``[T, *shape]`` for the gradients of ``primal``, sharded like it
+  when it is explicitly sharded (the rows are written with its gradients'
+  sharding)."""
+  if not _layout.explicitly_sharded(primal):
+    return jnp.zeros((num_tasks, *shape.shape), shape.dtype)
+  zeros = jnp.zeros_like(primal, shape.dtype)
+  return jnp.broadcast_to(zeros[None], (num_tasks, *shape.shape))
 
 
 def _put(stack: Any, grads: Any, start: Any, size: int, in_loop: bool) -> Any:
