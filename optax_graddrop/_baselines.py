@@ -170,14 +170,16 @@ def _projection_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   """``orders[i]``: the tasks other than ``i``, in the order PCGrad projects
   task ``i``'s gradient off them; ``int32 [T, T - 1]``.
 
-  Row ``i`` ranks the other tasks (in increasing order) by the 32-bit draws
-  ``jax.random.bits(key, (T, T - 1))[i]``: a uniformly random permutation
-  (equal draws, about ``T^3 / 2^33`` pairs of them over all rows, keep the
-  increasing order). One draw for all rows compiles about twice as fast as
-  one ``jax.random.permutation`` per row; drawn flat, which gives the same
-  values, faster still.
+  Row ``i`` ranks the other tasks (in increasing order) by the draws
+  ``jax.random.bits(key, (T, T - 1), jnp.uint32)[i]``: a uniformly random
+  permutation (equal draws, about ``T^3 / 2^33`` pairs of them over all
+  rows, keep the increasing order). One draw for all rows compiles about
+  twice as fast as one ``jax.random.permutation`` per row; drawn flat, which
+  gives the same values, faster still.
   """
-  draws = jax.random.bits(key, (num_tasks * (num_tasks - 1),)).reshape(num_tasks, num_tasks - 1)
+  # uint32 whatever jax_enable_x64 says (the default would follow it).
+  draws = jax.random.bits(key, (num_tasks * (num_tasks - 1),), jnp.uint32)
+  draws = draws.reshape(num_tasks, num_tasks - 1)
   ranks = jnp.argsort(draws, axis=1, stable=True).astype(jnp.int32)
   # Position k among the others of task i is task k, or k + 1 from i on.
   return ranks + (ranks >= jnp.arange(num_tasks, dtype=jnp.int32)[:, None])
@@ -195,10 +197,11 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   others in sequence (a ``scan``), so the program does not grow with ``T``;
   the work is ``O(T^3)``.
 
-  Orders: task ``i`` meets the others ranked by the 32-bit draws
-  ``jax.random.bits(key, (T, T - 1))[i]`` (the others in increasing order,
-  sorted by the draws): a uniformly random order per task, a function of
-  ``key`` alone, the same with and without ``jax.jit``.
+  Orders: task ``i`` meets the others ranked by the draws
+  ``jax.random.bits(key, (T, T - 1), jnp.uint32)[i]`` (the others in
+  increasing order, sorted by the draws): a uniformly random order per task,
+  a function of ``key`` alone, the same with and without ``jax.jit`` or 64-bit
+  types.
 
   Derivatives are those of this computation: where no inner product is zero
   or on the edge of a conflict, the weights are a smooth function of the

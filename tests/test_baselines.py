@@ -56,7 +56,7 @@ def test_pcgrad_leaves_agreeing_gradients_unchanged():
 
 def _orders(key, num_tasks):
   """PCGrad's documented orders: the other tasks of each task ranked by 32-bit draws."""
-  draws = np.asarray(jax.random.bits(key, (num_tasks, num_tasks - 1)))
+  draws = np.asarray(jax.random.bits(key, (num_tasks, num_tasks - 1), jnp.uint32))
   others = [np.array([j for j in range(num_tasks) if j != i]) for i in range(num_tasks)]
   return [others[i][np.argsort(draws[i], kind="stable")] for i in range(num_tasks)]
 
@@ -96,6 +96,8 @@ def test_projection_orders_are_the_documented_stream(impl):
   np.testing.assert_array_equal(
     jax.jit(_baselines._projection_orders, static_argnums=1)(key, 5), orders
   )
+  with enable_x64():  # where jax.random.bits would default to 64 bits
+    np.testing.assert_array_equal(_baselines._projection_orders(key, 5), orders)
 
 
 def test_pcgrad_is_deterministic_given_the_key_and_the_order_matters():
