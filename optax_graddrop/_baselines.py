@@ -364,6 +364,13 @@ def _min_norm_weights_jvp(
   return weights, jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=_HIGHEST)[:-1]
 
 
+def _check_num_iterations(num_iterations: Any) -> None:
+  if num_iterations is not None and (
+    isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0
+  ):
+    raise ValueError(f"`num_iterations` must be None or an int >= 0; got {num_iterations!r}.")
+
+
 def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Array:
   """Weights of the minimum-norm point of the convex hull of the gradients.
 
@@ -393,6 +400,9 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     The weights ``w`` of shape ``(T,)``, non-negative and summing to 1, in
     ``gram``'s dtype.
 
+  Raises:
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from optax_graddrop import mgda_weights
@@ -403,6 +413,7 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     Lacoste-Julien & Jaggi, `On the Global Linear Convergence of Frank-Wolfe
     Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
   """
+  _check_num_iterations(num_iterations)
   num_tasks = gram.shape[0]
   max_steps = max(100, 10 * num_tasks) if num_iterations is None else num_iterations
   return _min_norm_weights(gram, max_steps)
@@ -431,6 +442,9 @@ def mgda(task_grads: Any, num_iterations: int | None = None, *, mask: Any = None
 
   Returns:
     The combined gradient, without the task axis.
+
+  Raises:
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -476,7 +490,11 @@ def mgda_transform(
 
   Returns:
     An ``optax.experimental.aggregating.Aggregator``.
+
+  Raises:
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
   """
+  _check_num_iterations(num_iterations)
 
   def aggregate(task_grads: Any, _: Any, mask: Any = None) -> tuple[Any, tuple]:
     return mgda(task_grads, num_iterations, mask=mask), ()

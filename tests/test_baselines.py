@@ -330,3 +330,11 @@ def test_bad_input_is_rejected(fn):
     fn({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))})
   with pytest.raises(TypeError, match="`key`"):
     ogd.pcgrad(jnp.ones((2, 3)), 0)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True])
+def test_bad_num_iterations_is_rejected(bad):
+  with pytest.raises(ValueError, match="`num_iterations`"):
+    ogd.mgda(jnp.ones((3, 2)), bad)
+  with pytest.raises(ValueError, match="`num_iterations`"):
+    ogd.mgda_transform(bad)
