@@ -125,7 +125,8 @@ def test_mgda_meets_the_min_norm_optimality_conditions_at_50_tasks():
   ):
     d = _flat(_mgda(_tree(g))).astype(np.float64)
     # d is the minimum-norm point of the hull iff <g_i, d> >= |d|^2 for every i. The
-    # solver stops within T ulps of max |g_i|^2; d sums T terms, its inner products `size`.
+    # solver stops within T ulps of max_i sum_k |G_ik| w_k <= max |g_i|^2; d sums T
+    # terms, its inner products `size`.
     slack = tolerances.summation_rtol(jnp.float32, num_tasks + size) * np.max(np.sum(g**2, 1))
     assert np.all(g @ d >= d @ d - slack), (g @ d - d @ d).min() / slack
 
@@ -158,7 +159,7 @@ def test_mgda_has_minimal_norm_among_convex_combinations(num_tasks, seed):
   g = rng.normal(size=(num_tasks, 7)) + rng.normal(size=7)  # often a common direction
   expected = _exact_min_norm_weights(g @ g.T) @ g
   d = _flat(_mgda(_tree(g))).astype(np.float64)
-  # The solver stops within T ulps of max |g_i|^2 of the optimum's squared norm.
+  # The solver stops within T ulps of max |g_i|^2 (at most) of the optimum's squared norm.
   slack = tolerances.summation_rtol(jnp.float32, num_tasks + 7) * np.max(np.sum(g**2, 1))
   assert d @ d <= expected @ expected + slack
   weights = np.asarray(_mgda_weights(jnp.asarray(g @ g.T, jnp.float32)))
