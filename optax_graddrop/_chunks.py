@@ -1,4 +1,4 @@
-"""How a loop over tasks is scheduled: chunks of tasks, in order."""
+"""How a loop over tasks (or columns) is scheduled: chunks, in order."""
 
 from __future__ import annotations
 
