@@ -101,7 +101,7 @@ def graddrop_value_and_grad(
     >>> step = ogd.graddrop_value_and_grad(task_losses, jax.random.key(0), chunk_size=1)
     >>> losses, grads = step(jnp.array([2.0, 0.0]))
     >>> grads  # entry 0: both tasks agree, their sum; entry 1: one sign (-2 or 2) kept
-    Array([ 8., -2.], dtype=float32)
+    Array([8., 2.], dtype=float32)
 
   References:
     Chen et al., `Just Pick a Sign: Optimizing Deep Multitask Models with

@@ -445,17 +445,9 @@ def test_masks_match_an_nnx_state(mask):
 def test_flax_nnx_optimizer_with_graddrop_in_the_chain():
   from flax import nnx
 
-  class Model(nnx.Module):
-    def __init__(self, rngs):
-      self.trunk = nnx.Linear(4, 16, rngs=rngs)
-      self.heads = nnx.Linear(16, 2, rngs=rngs)
-
-    def __call__(self, x):
-      return self.heads(nnx.relu(self.trunk(x)))
-
   x = jax.random.normal(jax.random.key(0), (64, 4))
   y = jnp.stack([x[:, 0] + x[:, 1], x[:, 0] - x[:, 1]], axis=1)
-  model = Model(nnx.Rngs(0))
+  model = _nnx_trunk_and_heads()
   tx = optax.chain(ogd.graddrop_transform(0), optax.adam(1e-2))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
