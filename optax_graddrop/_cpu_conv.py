@@ -29,6 +29,25 @@ from jax.extend import core as jex_core
 _CONV = jex_core.primitives.conv_general_dilated_p
 
 
+def has_convolutions(fun: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fun(*args)`` computes a convolution (in any nested jaxpr)."""
+  return _contains_conv(jax.make_jaxpr(fun)(*args).jaxpr)
+
+
+def _contains_conv(jaxpr: Any) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is _CONV:
+      return True
+    # Sub-jaxprs (jit, checkpoint, scan, cond branches) are parameters, bare
+    # or closed, alone or in tuples.
+    for param in eqn.params.values():
+      for inner in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(inner, "jaxpr", inner)
+        if hasattr(inner, "eqns") and _contains_conv(inner):
+          return True
+  return False
+
+
 def canonical_convolutions(fun: Callable[..., Any]) -> Callable[..., Any]:
   """``fun`` with every convolution in NHWC/HWIO/NHWC layout.
 

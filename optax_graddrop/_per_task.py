@@ -105,12 +105,14 @@ def fold_task_grads(
   The backward passes are scheduled per backend, chosen when the computation
   is lowered (``jax.lax.platform_dependent``):
 
-  - on CPU, one task per backward pass, in a loop, with the convolutions in
-    XLA:CPU's fast layout (:mod:`._cpu_conv`): XLA:CPU gains nothing from
-    batching backward passes (a conv net's batched passes ran 2.5-3x slower
-    than the same passes one at a time, an MLP's 1.2-1.5x);
-  - elsewhere, ``chunk_size`` tasks per batched (``vmap``) backward pass,
-    all ``T`` for ``None``, in a loop over chunks.
+  - on CPU, when the backward pass has convolutions, one task per backward
+    pass, in a loop, with the convolutions in XLA:CPU's fast layout
+    (:mod:`._cpu_conv`): a conv net's batched passes ran 2.5-3x slower than
+    the same passes one at a time;
+  - otherwise (any other model on CPU, every model elsewhere), ``chunk_size``
+    tasks per batched (``vmap``) backward pass, all ``T`` for ``None``, in a
+    loop over chunks: a transformer's passes ran 2.4x slower one at a time
+    in a loop than batched on CPU (an XLA:CPU loop body runs on one thread).
 
   Either way at most ``chunk_size`` backward passes are live at once, and
   the compile time does not grow with ``T``.
@@ -134,7 +136,8 @@ def fold_task_grads(
       grad_of, num_tasks, dtype, chunk_size, acc, add_grads, one_at_a_time=one_at_a_time
     )
 
-  return jax.lax.platform_dependent(init, cpu=fold(True), default=fold(False))
+  convolutions = _cpu_conv.has_convolutions(grad_of, jnp.zeros(num_tasks, dtype))
+  return jax.lax.platform_dependent(init, cpu=fold(convolutions), default=fold(False))
 
 
 def _fold(
@@ -183,10 +186,9 @@ def per_task_value_and_grad(
   and a batched backward pass of ``T`` tasks keeps ``T`` copies of the
   backward intermediates at once. ``chunk_size`` bounds the latter to
   ``chunk_size`` copies, at the price of ``T / chunk_size`` sequential passes.
-  The schedule depends on the backend: on CPU the passes run one task at a
-  time whatever ``chunk_size`` (batching them gains nothing there, and cost
-  conv nets 2.5-3x); elsewhere ``chunk_size`` tasks per batched pass, all of
-  them for ``None``. :func:`graddrop_value_and_grad` gives GradDrop's result
+  The schedule: ``chunk_size`` tasks per batched pass, all of them for
+  ``None``; except on CPU for a model with convolutions, whose passes run
+  one task at a time whatever ``chunk_size`` (batched, they cost 2.5-3x). :func:`graddrop_value_and_grad` gives GradDrop's result
   without the ``[T, ...]`` stack at all, and when the shared part of a model
   feeds task heads through one representation, ``fork`` at that activation
   needs no per-task gradients.

@@ -42,9 +42,9 @@ def graddrop_value_and_grad(
 
   ``fun`` returns a vector of ``T`` task losses. The returned function
   computes them with one forward pass, runs the per-task backward passes
-  in a loop (on CPU one task per pass, where batching them gains nothing;
-  on GPU and TPU ``chunk_size`` tasks per batched pass), adds each task's
-  gradient to per-element running sums (the
+  ``chunk_size`` tasks per batched pass in a loop (on CPU, a model with
+  convolutions one task per pass, see :func:`per_task_value_and_grad`),
+  adds each task's gradient to per-element running sums (the
   sums of its positive and negative entries, and their counts), and
   finishes GradDrop (paper eqs. 1-3) from the sums::
 
@@ -70,7 +70,7 @@ def graddrop_value_and_grad(
     has_aux: whether ``fun`` returns ``(losses, aux)``.
     chunk_size: the most tasks per backward pass, which bounds memory to
       ``chunk_size`` copies of the backward intermediates; ``None`` for no
-      bound (on GPU and TPU one batched pass over all tasks).
+      bound (one batched pass over all tasks).
     leak: as for :func:`graddrop`.
     keep: as for :func:`graddrop`.
     scale: as for :func:`graddrop`.

@@ -164,3 +164,20 @@ def test_checkpoint_with_constants_is_left_as_it_is():
     _nested_conv_specs(jax.make_jaxpr(rewritten)(lhs, rhs).jaxpr)[-1]
     == (_nested_conv_specs(jax.make_jaxpr(grads)(lhs, rhs).jaxpr)[-1])
   )
+
+
+def test_has_convolutions_looks_into_nested_jaxprs():
+  x = jnp.ones((2, 3, 8, 8))
+  w = jnp.ones((4, 3, 3, 3))
+
+  def conv(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME")
+
+  def dense(x, w):
+    return jnp.tanh(x.reshape(2, -1) @ jnp.ones((192, 5))) * w.sum()
+
+  assert _cpu_conv.has_convolutions(conv, x, w)
+  assert _cpu_conv.has_convolutions(jax.jit(jax.checkpoint(conv)), x, w)
+  assert _cpu_conv.has_convolutions(lambda x, w: jax.grad(lambda w: conv(x, w).sum())(w), x, w)
+  assert not _cpu_conv.has_convolutions(dense, x, w)
+  assert not _cpu_conv.has_convolutions(lambda x, w: jax.grad(lambda w: dense(x, w))(w), x, w)

@@ -148,20 +148,21 @@ def _scratch_bytes(num_tasks, chunk_size):
 
 
 def test_memory_stays_flat_as_tasks_grow(monkeypatch):
-  # On CPU every chunk size runs one task per backward pass: running sums
-  # instead of a [T, ...] stack.
-  for chunk_size in (1, None):
-    assert _scratch_bytes(64, chunk_size) < 2 * _scratch_bytes(4, chunk_size)
+  # One task per backward pass: running sums instead of a [T, ...] stack.
+  assert _scratch_bytes(64, 1) < 2 * _scratch_bytes(4, 1)
+  # All at once, the batched backward pass holds T gradients.
+  assert _scratch_bytes(64, None) > 8 * _scratch_bytes(4, None)
 
-  # The batched schedule (GPU, TPU) holds chunk_size gradients at once.
-  def batched(grad_of, num_tasks, dtype, chunk_size, init, add_grads):
+  # The CPU schedule for models with convolutions runs one task per pass
+  # whatever chunk_size.
+  def one_at_a_time(grad_of, num_tasks, dtype, chunk_size, init, add_grads):
     return _per_task._fold(
-      grad_of, num_tasks, dtype, chunk_size, init, add_grads, one_at_a_time=False
+      grad_of, num_tasks, dtype, chunk_size, init, add_grads, one_at_a_time=True
     )
 
-  monkeypatch.setattr(_per_task, "fold_task_grads", batched)
-  assert _scratch_bytes(64, 1) < 2 * _scratch_bytes(4, 1)
-  assert _scratch_bytes(64, None) > 8 * _scratch_bytes(4, None)
+  monkeypatch.setattr(_per_task, "fold_task_grads", one_at_a_time)
+  for chunk_size in (1, None):
+    assert _scratch_bytes(64, chunk_size) < 2 * _scratch_bytes(4, chunk_size)
 
 
 def test_same_key_same_result_and_keys_matter():
