@@ -97,6 +97,7 @@ def _cpu_inner_products(rows: jax.Array, dtype: Any) -> jax.Array:
   return _chunked_inner_products(rows, dtype)
 
 
+@jax.jit
 def _gram(task_grads: Any) -> jax.Array:
   """``G[i, j] = <g_i, g_j>`` over all leaves, in float32 or wider.
 
@@ -220,6 +221,12 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
     >>> pcgrad_weights(jnp.array([[1.0, -1.0], [-1.0, 2.0]]), jax.random.key(0))
     Array([2. , 1.5], dtype=float32)
   """
+  # Jitted: called eagerly, its scan would be traced and compiled every call.
+  return _pcgrad_weights(gram, key)
+
+
+@jax.jit
+def _pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   num_tasks = gram.shape[0]
   if num_tasks == 1:
     return jnp.ones((1,), gram.dtype)
@@ -422,6 +429,12 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
   """
   _check_num_iterations(num_iterations)
+  # Jitted: called eagerly, its loops would be traced and compiled every call.
+  return _mgda_weights(gram, num_iterations)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _mgda_weights(gram: jax.Array, num_iterations: int | None) -> jax.Array:
   num_tasks = gram.shape[0]
   max_steps = max(100, 10 * num_tasks) if num_iterations is None else num_iterations
   return _min_norm_weights(gram, max_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -142,14 +143,44 @@ def graddrop(
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
-  fn = _core.keep_fn(keep, scale)
-  selected = _validation.mask_leaves(mask, first_task(task_grads))
+  _core.keep_fn(keep, scale)
+  selected = tuple(_validation.mask_leaves(mask, first_task(task_grads)))
+  return _graddrop(
+    task_grads,
+    key,
+    leak_per_task,
+    scale,
+    eps,
+    keep=keep,
+    preserve_norm=preserve_norm,
+    return_stats=return_stats,
+    selected=selected,
+  )
 
+
+# Jitted (options static), so that an eager call does not dispatch GradDrop
+# op by op, nor trace and compile its task loops, every time.
+@functools.partial(jax.jit, static_argnames=("keep", "preserve_norm", "return_stats", "selected"))
+def _graddrop(
+  task_grads: Any,
+  key: jax.Array,
+  leak: jax.Array | None,
+  scale: Any,
+  eps: Any,
+  *,
+  keep: Keep,
+  preserve_norm: bool,
+  return_stats: bool,
+  selected: tuple[bool, ...],
+) -> Any:
+  """:func:`graddrop` of checked arguments."""
+  fn = _core.keep_fn(keep, scale)
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
-  leaves = [row_major(jnp.asarray(leaf)) for leaf in leaves]
-  segments, total_calls = _plan(leaves, selected)
+  leaves = [row_major(leaf) for leaf in leaves]
+  num_tasks = leaves[0].shape[0]
+  segments, total_calls = _plan(leaves, list(selected))
   count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
-  sums = _core.segment_sums(segments, leaves, leak_per_task, count_dtype)
+  sums = _core.segment_sums(segments, leaves, leak, count_dtype)
   plain = {
     index: _sums.weighted_sum(leaf) for index, leaf in enumerate(leaves) if not selected[index]
   }
@@ -207,9 +238,15 @@ def sign_masks(
   _validation.check_task_grads(task_grads)
   key = _validation.check_key(key)
   _validation.check_eps(eps)
+  _core.keep_fn(keep, scale)
+  return _sign_masks(task_grads, key, scale, eps, keep=keep)
+
+
+@functools.partial(jax.jit, static_argnames=("keep",))
+def _sign_masks(task_grads: Any, key: jax.Array, scale: Any, eps: Any, *, keep: Keep) -> Any:
+  """:func:`sign_masks` of checked arguments (jitted, as :func:`_graddrop`)."""
   fn = _core.keep_fn(keep, scale)
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
-  leaves = [jnp.asarray(leaf) for leaf in leaves]
   segments, total_calls = _plan(leaves)
   sums = _core.segment_sums(segments, leaves, None, None)
   shapes = [leaf.shape[1:] for leaf in leaves]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from optax_graddrop import _chunks
 from optax_graddrop import _cpu_conv
 from optax_graddrop import _layout
+from optax_graddrop import _validation
 
 
 def _loss_vector(losses: Any) -> jax.Array:
@@ -206,6 +207,12 @@ def per_task_value_and_grad(
     shaped like the differentiated argument(s) with a leading axis ``T``
     (a tuple of them when ``argnums`` is a sequence).
 
+  Raises:
+    ValueError: if ``argnums`` names a missing argument or ``fun`` does not
+      return a non-empty 1-D float vector.
+    TypeError: a differentiated leaf that is not a real float array (e.g. an
+      NNX model's rng key or counter); the message says what to pass.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from optax_graddrop import per_task_value_and_grad
@@ -220,9 +227,12 @@ def per_task_value_and_grad(
 
   def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
     losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)
+    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
+    # state would be silently frozen.
+    _validation.check_differentiable(primal, name=f"args[{argnums}]")
     num_tasks = losses.shape[0]
     shapes = jax.eval_shape(grad_of, jnp.zeros(num_tasks, losses.dtype))
-    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
     stack = jax.tree.map(lambda s, p: _zero_rows(num_tasks, s, p), shapes, primal)
     task_grads = fold_task_grads(grad_of, num_tasks, losses.dtype, chunk_size, stack, _put)
     value = (losses, aux) if has_aux else losses

@@ -320,11 +320,14 @@ def _weighted_reduction(rows: jax.Array, weights: jax.Array | None, dtype: Any) 
   return jnp.sum(g, axis=0)
 
 
+@jax.jit
 def weighted_sum(rows: jax.Array, weights: jax.Array | None = None) -> jax.Array:
   """``sum_i w_i g_i`` (``w = 1`` by default) over the leading task axis.
 
   Summed in the compute dtype with the backend's schedule, returned in the
   input's dtype and materialised once, however many consumers read it.
+  Jitted, so that an eager call does not trace and compile its task loop
+  every time.
 
   Args:
     rows: ``[T, ...]`` task gradients.
