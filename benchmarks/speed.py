@@ -803,7 +803,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     default=["float32", "tf32"] if jax.default_backend() == "gpu" else ["float32"],
     help="precisions of the matrix products (default: float32, and tf32 on GPUs)",
   )
-  parser.add_argument("--out", default=None, help="results folder (default: results/ when full)")
+  parser.add_argument(
+    "--out", default=None, help="results folder (default: results/ for a full run of every section)"
+  )
   return parser.parse_args(argv)
 
 
@@ -867,7 +869,9 @@ def _sections(args: argparse.Namespace, out_dir: Any) -> Iterator[str]:
 
 def main(argv: Sequence[str] | None = None) -> str:
   args = _parse(argv)
-  out_dir = _common.output_dir(args)
+  # Only a run of every section replaces the committed results.
+  full = set(args.sections) == set(SECTIONS) or args.out is not None
+  out_dir = _common.output_dir(args) if full else None
   blocks = [f"Machine: {_common.machine()}; {_torch_line()}"]
   print(blocks[0], flush=True)
   for block in _sections(args, out_dir):

@@ -155,7 +155,15 @@ def segment_bits(words: WordsFn, calls: CallRanges, size: int) -> jax.Array:
   Returns:
     A ``uint32`` array of shape ``(size,)`` with values in ``[0, 2**16)``.
   """
-  pieces = [words(start, count) for start, count in calls]
+  # Leaves that follow each other in the stream are read as one range: one
+  # slice instead of one per leaf (each costs XLA a compilation).
+  merged: list[tuple[int, int]] = []
+  for start, count in calls:
+    if merged and merged[-1][0] + merged[-1][1] == start:
+      merged[-1] = (merged[-1][0], merged[-1][1] + count)
+    else:
+      merged.append((start, count))
+  pieces = [words(start, count) for start, count in merged]
   first = jnp.concatenate([f for f, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
   second = jnp.concatenate([s for _, s in pieces]) if len(pieces) > 1 else pieces[0][1]
   return _halves(first, second, size)

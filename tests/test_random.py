@@ -84,6 +84,22 @@ def test_words_in_memory_and_inline_give_the_same_bits(jit):
     np.testing.assert_array_equal(a, b)
 
 
+def test_adjacent_pieces_are_read_as_one_range():
+  # Small leaves that follow each other in the stream share one slice of the
+  # words (one XLA operation instead of one per leaf), with the same bits.
+  key = jax.random.key(3)
+  requested = []
+
+  def words(start, count):
+    requested.append((start, count))
+    return _random.stream_words(key, 0, 16, materialize=False)(start, count)
+
+  joined = _random.segment_bits(words, [(0, 3), (3, 2), (9, 4), (13, 1)], 40)
+  assert requested == [(0, 5), (9, 5)]
+  pieces = [_random.uniform_bits(key, (4 * count,), start) for start, count in [(0, 5), (9, 5)]]
+  np.testing.assert_array_equal(joined, jnp.concatenate(pieces))
+
+
 def test_graddrop_accepts_other_key_implementations():
   task_grads = jax.random.normal(jax.random.key(0), (3, 1000))
   out = ogd.graddrop(task_grads, jax.random.key(1, impl="rbg"))
