@@ -274,6 +274,13 @@ def finish(
   )
 
 
+# Jitted: a model's segments of one shape are traced and lowered once (XLA
+# inlines the calls, so the compiled program is the same).
+_finish_once = jax.jit(
+  finish, static_argnames=("fn", "out_dtype", "preserve_norm", "count_dtype", "materialize")
+)
+
+
 def stats_from_codes(
   codes: Sequence[tuple[jax.Array, bool]], num_scalars: int, num_tasks: int
 ) -> GradDropStats:
@@ -334,7 +341,7 @@ def finish_tree(
   for segment, sums, bits in zip(segments, segment_sums, _layout.bits(key, segments, total_calls)):
     leaf_dtypes = {jnp.dtype(dtypes[i]) for i in segment.leaves}
     out_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else sums.positive.dtype
-    done = finish(
+    done = _finish_once(
       sums, bits, fn, eps, out_dtype=out_dtype, preserve_norm=preserve_norm, count_dtype=count_dtype
     )
     combined = _layout.split(segment, done.combined, shapes)

@@ -26,6 +26,7 @@ tests call both on any backend.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -281,6 +282,13 @@ def add_reductions(sums: TaskSums, rows: jax.Array, leak: jax.Array | None) -> T
   )
 
 
+@functools.cache
+def _traced_once(add: Callable[..., TaskSums]) -> Callable[..., TaskSums]:
+  """``add`` jitted: a model's leaves of one shape are traced and lowered once
+  (XLA inlines the calls, so the compiled program is the same)."""
+  return jax.jit(add)
+
+
 def add_tasks(sums: Sequence[TaskSums], rows: Sequence[jax.Array], leak: jax.Array | None) -> Any:
   """Adds ``[k, ...]`` task gradients to each of several sums, with the
   backend's schedule: :func:`add_slices` on CPU, :func:`add_reductions`
@@ -293,8 +301,8 @@ def add_tasks(sums: Sequence[TaskSums], rows: Sequence[jax.Array], leak: jax.Arr
     list(sums),
     list(rows),
     leak,
-    cpu=schedule(add_slices),
-    default=schedule(add_reductions),
+    cpu=schedule(_traced_once(add_slices)),
+    default=schedule(_traced_once(add_reductions)),
   )
 
 

@@ -437,3 +437,30 @@ def test_all_zero_entries_have_purity_one_half_and_stay_zero():
   out = ogd.graddrop(task_grads, jax.random.key(0), leak=0.5, preserve_norm=True)
   np.testing.assert_array_equal(out[1:], 0.0)
   np.testing.assert_array_equal(ogd.sign_purity(jnp.zeros((2, 3)), eps=1e-7), 0.5)
+
+
+def _calls(jaxpr, name):
+  """The inner jaxprs of every nested call to the jitted function ``name``."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.params.get("name") == name:
+      found.append(eqn.params["jaxpr"])
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          found += _calls(sub.jaxpr, name)
+  return found
+
+
+def test_leaves_of_one_shape_are_traced_once():
+  # Tracing and lowering cost time per segment; a model's many leaves of one
+  # shape share one trace of the sums and of eqs. 2-3.
+  task_grads = {f"w{i}": jnp.ones((3, 64, 256)) for i in range(5)}
+  task_grads["other"] = jnp.ones((3, 256, 128))
+  jaxpr = jax.make_jaxpr(lambda g: ogd.graddrop(g, jax.random.key(0), return_stats=True))(
+    task_grads
+  )
+  for name in ("add_slices", "add_reductions", "finish"):
+    calls = _calls(jaxpr.jaxpr, name)
+    assert len(calls) == 6, name
+    assert len({id(c) for c in calls}) == 2, name
