@@ -392,7 +392,10 @@ def _split_fwd(
   leak: Any,
   probe: _core.GradDropStats | None,
 ) -> tuple[tuple[Any, ...], _Residuals]:
-  return _split(options, features, key, leak, probe), (features, key, leak, probe)
+  # The copies themselves, not a call of `_split`: under an outer derivative
+  # (a meta-gradient, a Hessian-vector product) they are the identity, and a
+  # call would apply GradDrop a second time, to the second-order cotangents.
+  return (features,) * options.num_tasks, (features, key, leak, probe)
 
 
 def _split_bwd(

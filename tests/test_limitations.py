@@ -18,8 +18,15 @@ def test_forward_mode_through_fork_raises():
   w, key = jnp.ones(3), jax.random.key(0)
   with pytest.raises(TypeError, match="forward-mode"):
     jax.jvp(lambda w: _loss(w, key), (w,), (jnp.ones(3),))
-  with pytest.raises(TypeError, match="forward-mode"):
-    jax.hessian(_loss)(w, key)
+
+
+def test_hessian_of_fork_equals_reverse_over_reverse():
+  # Forward-over-reverse differentiates fork's backward rule, as
+  # reverse-over-reverse does.
+  w, v, key = jnp.linspace(-1.0, 1.0, 3), jnp.arange(3.0), jax.random.key(0)
+  hessian = jax.hessian(_loss)(w, key)
+  hvp = jax.grad(lambda w: jnp.vdot(jax.grad(_loss)(w, key), v))(w)
+  tolerances.assert_sums_close(hessian @ v, hvp, terms=2 + 3)
 
 
 def test_reverse_over_reverse_gives_hessian_vector_products():
