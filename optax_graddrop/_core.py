@@ -293,9 +293,19 @@ def stats_from_codes(
   """
   conflicts, dropped = (count.astype(jnp.float32) for count in _count_drops(codes))
   return GradDropStats(
-    conflict_fraction=conflicts / max(num_scalars, 1),
-    kept_fraction=1.0 - dropped / max(num_scalars * num_tasks, 1),
+    conflict_fraction=_ratio(conflicts, max(num_scalars, 1)),
+    kept_fraction=1.0 - _ratio(dropped, max(num_scalars * num_tasks, 1)),
   )
+
+
+def _ratio(count: jax.Array, total: int) -> jax.Array:
+  """``count / total``, correctly rounded (exact when it is representable).
+
+  XLA turns a division by a constant into a product with its rounded
+  reciprocal, which reported 3,000,004 conflicts out of 3,000,004 as
+  0.99999994; the barrier keeps the denominator a value.
+  """
+  return count / jax.lax.optimization_barrier(jnp.float32(total))
 
 
 def finish_tree(

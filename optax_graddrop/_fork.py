@@ -170,6 +170,16 @@ def graddrop_activation(
         f"`task_cotangents[{task}]` has structure {treedef_i}; expected that of "
         f"`features`, {treedef}."
       )
+    for leaf, cotangent_leaf in zip(leaves, leaves_i):
+      expected = (jnp.shape(leaf), jnp.result_type(leaf))
+      got = (jnp.shape(cotangent_leaf), jnp.result_type(cotangent_leaf))
+      if got != expected:
+        raise ValueError(
+          f"`task_cotangents[{task}]` has a leaf of shape {got[0]} and dtype "
+          f"{got[1]} where `features` has shape {expected[0]} and dtype "
+          f"{expected[1]}; each task's cotangent has the features' shapes and "
+          "dtypes (nothing is broadcast or cast)."
+        )
     cotangent_leaves.append(leaves_i)
   signal_leaves = []
   for index, leaf in enumerate(leaves):

@@ -464,3 +464,19 @@ def test_leaves_of_one_shape_are_traced_once():
     calls = _calls(jaxpr.jaxpr, name)
     assert len(calls) == 6, name
     assert len({id(c) for c in calls}) == 2, name
+
+
+@pytest.mark.parametrize("size", [4, 1000, 3_000_001])
+@pytest.mark.parametrize("jit", [False, True])
+def test_stats_are_exact_fractions_of_exact_counts(size, jit):
+  # Every scalar conflicts and one of the two tasks is dropped at each:
+  # exactly 1 and 1/2, with a small leaf beside the large one too.
+  ones = jnp.ones(size)
+  task_grads = {
+    "w": jnp.stack([ones, -ones]),
+    "b": jnp.array([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]]),
+  }
+  run = lambda g: ogd.graddrop(g, jax.random.key(0), return_stats=True)[1]  # noqa: E731
+  stats = (jax.jit(run) if jit else run)(task_grads)
+  assert float(stats.conflict_fraction) == 1.0
+  assert float(stats.kept_fraction) == 0.5

@@ -135,6 +135,16 @@ def test_graddrop_activation_rejects_mismatched_cotangents():
     ogd.graddrop_activation({"a": jnp.ones(3)}, [{"a": jnp.ones(3)}, jnp.ones(3)], KEY)
 
 
+@pytest.mark.parametrize(
+  "cotangent",
+  [jnp.ones((4, 4)), jnp.ones(3), jnp.ones((1, 1)), jnp.ones((4, 3), jnp.float16)],
+  ids=["other shape", "broadcastable row", "broadcastable scalar", "other dtype"],
+)
+def test_graddrop_activation_rejects_cotangents_of_other_shapes_or_dtypes(cotangent):
+  with pytest.raises(ValueError, match=r"`task_cotangents\[1\]` has a leaf of shape"):
+    ogd.graddrop_activation(jnp.ones((4, 3)), [jnp.ones((4, 3)), cotangent], KEY)
+
+
 def test_baselines_and_weighting_reject_bad_input():
   with pytest.raises(TypeError, match="dtype int32"):
     ogd.mgda(jnp.ones((2, 3), jnp.int32))
