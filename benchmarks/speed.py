@@ -248,7 +248,7 @@ def run_aggregation(num_tasks: int, size: int, repeats: int) -> str:
   if torch_modules is not None:
     torch, graddrop_aggregator = torch_modules[:2]
     device = _torch_device(torch)
-    matrix = torch.as_tensor(np.asarray(task_grads), device=device)
+    matrix = torch.as_tensor(np.array(task_grads), device=device)  # a writable copy
     aggregator = graddrop_aggregator()
     torch_fns = {
       f"torch: sum over tasks ({device}, timed apart)": lambda: matrix.sum(0),
