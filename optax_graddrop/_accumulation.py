@@ -88,6 +88,14 @@ def multi_steps(
     Array([-0.4, -0.3,  0.3], dtype=float32)
   """
   _validation.check_num_tasks(num_tasks)
+  if not callable(every_k_schedule) and (
+    isinstance(every_k_schedule, bool)
+    or not isinstance(every_k_schedule, int)
+    or every_k_schedule < 1
+  ):
+    raise ValueError(
+      f"`every_k_schedule` must be an int >= 1 or a function of the step; got {every_k_schedule!r}."
+    )
   every_k = every_k_schedule if callable(every_k_schedule) else (lambda _: every_k_schedule)
 
   def init_fn(params: optax.Params) -> MultiStepsState:
@@ -121,8 +129,20 @@ def multi_steps(
     def apply(acc: Any, inner_state: Any) -> tuple[Any, Any]:
       return inner.update(acc, inner_state, params, **extra_args)
 
+    shapes, _ = jax.eval_shape(apply, acc, state.inner_state)
+    flat_shapes = jax.tree_util.tree_leaves(shapes)
+    for (path, task_update), shape in zip(
+      jax.tree_util.tree_leaves_with_path(task_updates), flat_shapes
+    ):
+      if shape.shape != jnp.shape(task_update)[1:]:
+        raise ValueError(
+          f"`inner` returned updates{jax.tree_util.keystr(path)} of shape {shape.shape} for "
+          f"per-task updates of shape {jnp.shape(task_update)}; `multi_steps` needs an "
+          "`inner` that starts with an aggregator (e.g. graddrop_transform), which "
+          "removes the task axis."
+        )
+
     def skip(acc: Any, inner_state: Any) -> tuple[Any, Any]:
-      shapes, _ = jax.eval_shape(apply, acc, inner_state)
       return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), inner_state
 
     updates, inner_state = jax.lax.cond(emit, apply, skip, acc, state.inner_state)

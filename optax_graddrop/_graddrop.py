@@ -28,9 +28,15 @@ def row_major(array: jax.Array) -> jax.Array:
   A batched (vmapped) backward pass can leave the per-task gradients in a
   transposed layout, which XLA:CPU would otherwise read with strides inside
   GradDrop's fused loop (measured 30x slower than one transposing copy).
+  With several devices the array keeps its layout (see below).
   """
   if not isinstance(array, jax.core.Tracer):
     return array  # a concrete array already has its layout, row-major by default
+  if jax.device_count() > 1:
+    # XLA's SPMD partitioner gathers the whole array onto every device
+    # before a layout constraint (measured: a [4, 512, 1024] stack sharded 8
+    # ways took 17 MiB of scratch per device instead of 1 MiB).
+    return array
   return with_layout_constraint(array, Layout(tuple(range(array.ndim))))
 
 

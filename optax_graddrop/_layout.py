@@ -6,7 +6,8 @@ grouping. Every leaf takes its place in the one stream of uniforms
 *segment*, is computed by one fused pass:
 
 * a large leaf is a segment on its own, read where it lies (flat, or in its
-  own shape when it is explicitly sharded);
+  own shape when it is or may be sharded: explicitly, or by XLA's
+  partitioner when there are several devices);
 * small leaves of one compute dtype share a segment: their task gradients are
   copied side by side into one ``[T, n]`` array, each leaf padded to a whole
   number of threefry calls (the padding is zero, so it never conflicts).
@@ -42,9 +43,11 @@ class Segment(NamedTuple):
     leaves: the indices of the leaves, in order.
     starts: each leaf's first element in the segment's flat axis.
     shape: the shape the segment is computed in: ``(size,)``, or the leaf's
-      own shape for an explicitly sharded leaf.
+      own shape for a leaf computed in it (see ``sharded``).
     calls: ``(first call, number of calls)`` of each leaf in the stream.
-    sharded: whether the (single) leaf is explicitly sharded.
+    sharded: whether the (single) leaf is computed in its own shape: it is
+      explicitly sharded, or large and of several axes with several devices
+      present (it may be sharded by XLA's partitioner).
   """
 
   leaves: tuple[int, ...]
@@ -95,6 +98,7 @@ def plan(
   selected = [True] * len(shapes) if selected is None else selected
   segments: list[Segment] = []
   small: dict[Any, list[int]] = {}
+  multi_device = jax.device_count() > 1
   for index, (shape, dtype, size, is_sharded, chosen) in enumerate(
     zip(shapes, dtypes, sizes, sharded, selected)
   ):
@@ -102,8 +106,12 @@ def plan(
       continue
     if is_sharded or size >= _SMALL_LEAF:
       calls = ((offsets[index], _random.num_calls(size)),)
-      own_shape = tuple(shape) if is_sharded else (size,)
-      segments.append(Segment((index,), (0,), own_shape, calls, is_sharded))
+      # With several devices a leaf may be sharded without its type saying
+      # so (Auto mesh axes): flattening it would merge a sharded axis, which
+      # XLA's partitioner does by gathering the whole leaf onto every device.
+      in_own_shape = is_sharded or (multi_device and len(shape) > 1)
+      own_shape = tuple(shape) if in_own_shape else (size,)
+      segments.append(Segment((index,), (0,), own_shape, calls, in_own_shape))
     else:
       small.setdefault(jnp.dtype(dtype), []).append(index)
   for indices in small.values():

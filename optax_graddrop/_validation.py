@@ -96,6 +96,12 @@ def check_eps(eps: Any) -> None:
     raise ValueError(f"`eps` must be >= 0; got {eps}.")
 
 
+def _explicit_spec(array: Any) -> tuple[Any, ...]:
+  """The partition spec an array's type carries (Explicit mesh axes), or ``()``."""
+  spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None)
+  return tuple(spec) if spec is not None else ()
+
+
 def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   """Checks that every leaf is a real float array with the same task axis.
 
@@ -128,6 +134,13 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
       raise ValueError(
         f"{where} is a scalar (shape ()); every leaf needs a leading task "
         "axis of size T, e.g. shape (T,) for a per-task scalar."
+      )
+    task_axis = _explicit_spec(leaf)[:1]
+    if task_axis and task_axis[0] is not None:
+      raise ValueError(
+        f"{where} is sharded over its task axis (mesh axis {task_axis[0]!r}) with "
+        "Explicit mesh axes, where the tasks cannot be indexed one by one; shard "
+        "the parameter axes instead (P(None, ...)), or use Auto mesh axes."
       )
     sizes.setdefault(shape[0], where)
   if len(sizes) > 1:

@@ -115,3 +115,17 @@ def test_rejects_the_wrong_number_of_tasks():
     tx.update(task_grads, tx.init(params), params)
   with pytest.raises(ValueError, match="`num_tasks`"):
     ogd.multi_steps(_inner(), every_k_schedule=2, num_tasks=0)
+
+
+@pytest.mark.parametrize("every_k", [0, -1, 2.0, True])
+def test_rejects_an_every_k_that_is_not_a_positive_int(every_k):
+  with pytest.raises(ValueError, match="`every_k_schedule` must be an int >= 1"):
+    ogd.multi_steps(_inner(), every_k_schedule=every_k, num_tasks=T)
+
+
+def test_rejects_an_inner_without_an_aggregator():
+  # optax.sgd alone keeps the task axis; optax.apply_updates would broadcast it.
+  tx = ogd.multi_steps(optax.sgd(1.0), every_k_schedule=2, num_tasks=T)
+  params = {"w": jnp.zeros(4)}
+  with pytest.raises(ValueError, match=r"`inner` returned updates\['w'\] of shape \(3, 4\)"):
+    tx.update({"w": jnp.ones((T, 4))}, tx.init(params), params)

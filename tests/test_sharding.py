@@ -51,6 +51,8 @@ task_grads = jax.random.normal(jax.random.key(0), (3, 16, 64))
 key = jax.random.key(1)
 expected, expected_stats = ogd.graddrop(task_grads, key, return_stats=True)
 expected_leak = ogd.graddrop(task_grads, key, leak=0.25)
+large_grads = jax.random.normal(jax.random.key(5), (3, 128, 256))
+large_expected, large_stats = ogd.graddrop(large_grads, key, return_stats=True)
 expected_update = -ogd.graddrop(task_grads, jax.random.split(jax.random.key(0))[1])
 params = {"w": jnp.zeros((16, 64))}
 x = jax.random.normal(jax.random.key(2), (32, 16))
@@ -77,6 +79,32 @@ for types in (AxisType.Explicit, AxisType.Auto):
     w = jax.device_put({"w": w_stream}, jax.sharding.NamedSharding(mesh, P(None, "x")))
     streamed = jax.jit(ogd.graddrop_value_and_grad(task_losses, key, chunk_size=1))(w)[1]["w"]
     tolerances.assert_sums_close(streamed, stream, terms=16 + 32 + 3)  # x @ w, the batch, tasks
+    # A large leaf sharded on an inner axis stays sharded: no gather of the
+    # stack (only of the per-device counts), the output sharded like it.
+    for spec in (P(None, "x", None), P(None, None, "x")):
+      large = jax.device_put(large_grads, jax.sharding.NamedSharding(mesh, spec))
+      run = jax.jit(lambda g, k: ogd.graddrop(g, k, return_stats=True))
+      compiled = run.lower(large, key).compile()
+      gathers = [l for l in compiled.as_text().splitlines() if "all-gather(" in l]
+      assert not [l for l in gathers if "= f32[" in l], (types, spec, gathers)
+      assert compiled.memory_analysis().temp_size_in_bytes < large_grads.nbytes / 2, (types, spec)
+      out, stats = run(large, key)
+      like_param = jax.sharding.NamedSharding(mesh, P(*spec[1:]))
+      assert out.sharding.is_equivalent_to(like_param, out.ndim), (types, spec, out.sharding)
+      assert np.array_equal(np.asarray(out), np.asarray(large_expected)), (types, spec)
+      assert stats.conflict_fraction == large_stats.conflict_fraction, (types, spec)
+    # Tasks sharded over devices: Auto axes work; Explicit ones cannot index
+    # the task axis, and say so.
+    by_task = jax.device_put(jnp.ones((8, 4, 4)), jax.sharding.NamedSharding(mesh, P("x")))
+    for fn in (ogd.sum_tasks, lambda g: ogd.graddrop(g, key), ogd.mgda):
+      if types == AxisType.Explicit:
+        try:
+          jax.jit(fn)(by_task)
+          raise AssertionError("no error for a sharded task axis")
+        except ValueError as error:
+          assert "sharded over its task axis" in str(error), error
+      else:
+        assert np.array_equal(np.asarray(jax.jit(fn)(by_task)), np.asarray(fn(jnp.ones((8, 4, 4)))))
     print(types, "ok")
 """
 
