@@ -62,6 +62,18 @@ def test_speed_benchmark_quick_prints_ratios(capsys, tmp_path):
   assert plot.stat().st_size > 10_000
 
 
+def test_compile_time_benchmark_quick_compares_the_steps(tmp_path, capsys):
+  text = _load("benchmarks/compile_time.py").main(["--quick", "--out", str(tmp_path)])
+  assert text in capsys.readouterr().out
+  rows = [line for line in text.splitlines() if line.startswith(("| plain", "| stacked", "| streaming"))]
+  assert len(rows) == 3
+  for row in rows:
+    total, ratio = (cell.strip() for cell in row.split("|")[-3:-1])
+    assert float(total) > 0 and float(ratio.rstrip("x")) > 0
+  (written,) = tmp_path.glob("compile_*.md")
+  assert written.read_text().strip().endswith(text)
+
+
 def test_toy_benchmark_quick_writes_tables_and_figure(tmp_path, capsys):
   text = _load("benchmarks/toy.py").main(["--quick", "--out", str(tmp_path)])
   assert text in capsys.readouterr().out
