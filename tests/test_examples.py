@@ -65,7 +65,9 @@ def test_speed_benchmark_quick_prints_ratios(capsys, tmp_path):
 def test_compile_time_benchmark_quick_compares_the_steps(tmp_path, capsys):
   text = _load("benchmarks/compile_time.py").main(["--quick", "--out", str(tmp_path)])
   assert text in capsys.readouterr().out
-  rows = [line for line in text.splitlines() if line.startswith(("| plain", "| stacked", "| streaming"))]
+  rows = [
+    line for line in text.splitlines() if line.startswith(("| plain", "| stacked", "| streaming"))
+  ]
   assert len(rows) == 3
   for row in rows:
     total, ratio = (cell.strip() for cell in row.split("|")[-3:-1])
