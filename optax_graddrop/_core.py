@@ -31,6 +31,7 @@ convention for ``max`` and ``min`` at a tie).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -274,11 +275,15 @@ def finish(
   )
 
 
-# Jitted: a model's segments of one shape are traced and lowered once (XLA
-# inlines the calls, so the compiled program is the same).
-_finish_once = jax.jit(
-  finish, static_argnames=("fn", "out_dtype", "preserve_norm", "count_dtype", "materialize")
+@functools.partial(
+  jax.jit, static_argnames=("fn", "out_dtype", "preserve_norm", "count_dtype", "materialize")
 )
+def _finish_once(
+  sums: _sums.TaskSums, bits: jax.Array, fn: _validation.Static, eps: Any, **options: Any
+) -> Finished:
+  """:func:`finish`, jitted: a model's segments of one shape are traced and
+  lowered once (XLA inlines the calls, so the compiled program is the same)."""
+  return finish(sums, bits, fn.value, eps, **options)
 
 
 def stats_from_codes(
@@ -352,7 +357,13 @@ def finish_tree(
     leaf_dtypes = {jnp.dtype(dtypes[i]) for i in segment.leaves}
     out_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else sums.positive.dtype
     done = _finish_once(
-      sums, bits, fn, eps, out_dtype=out_dtype, preserve_norm=preserve_norm, count_dtype=count_dtype
+      sums,
+      bits,
+      _validation.Static(fn),
+      eps,
+      out_dtype=out_dtype,
+      preserve_norm=preserve_norm,
+      count_dtype=count_dtype,
     )
     combined = _layout.split(segment, done.combined, shapes)
     if done.plain is not None:

@@ -157,7 +157,7 @@ def graddrop(
     leak_per_task,
     scale,
     eps,
-    keep=keep,
+    keep=_validation.Static(keep),
     preserve_norm=preserve_norm,
     return_stats=return_stats,
     selected=selected,
@@ -174,13 +174,13 @@ def _graddrop(
   scale: Any,
   eps: Any,
   *,
-  keep: Keep,
+  keep: _validation.Static,
   preserve_norm: bool,
   return_stats: bool,
   selected: tuple[bool, ...],
 ) -> Any:
   """:func:`graddrop` of checked arguments."""
-  fn = _core.keep_fn(keep, scale)
+  fn = _core.keep_fn(keep.value, scale)
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
   leaves = [row_major(leaf) for leaf in leaves]
   num_tasks = leaves[0].shape[0]
@@ -245,13 +245,15 @@ def sign_masks(
   key = _validation.check_key(key)
   _validation.check_eps(eps)
   _core.keep_fn(keep, scale)
-  return _sign_masks(task_grads, key, scale, eps, keep=keep)
+  return _sign_masks(task_grads, key, scale, eps, keep=_validation.Static(keep))
 
 
 @functools.partial(jax.jit, static_argnames=("keep",))
-def _sign_masks(task_grads: Any, key: jax.Array, scale: Any, eps: Any, *, keep: Keep) -> Any:
+def _sign_masks(
+  task_grads: Any, key: jax.Array, scale: Any, eps: Any, *, keep: _validation.Static
+) -> Any:
   """:func:`sign_masks` of checked arguments (jitted, as :func:`_graddrop`)."""
-  fn = _core.keep_fn(keep, scale)
+  fn = _core.keep_fn(keep.value, scale)
   leaves, treedef = jax.tree_util.tree_flatten(task_grads)
   segments, total_calls = _plan(leaves)
   sums = _core.segment_sums(segments, leaves, None, None)

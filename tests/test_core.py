@@ -460,7 +460,7 @@ def test_leaves_of_one_shape_are_traced_once():
   jaxpr = jax.make_jaxpr(lambda g: ogd.graddrop(g, jax.random.key(0), return_stats=True))(
     task_grads
   )
-  for name in ("add_slices", "add_reductions", "finish"):
+  for name in ("add_slices", "add_reductions", "_finish_once"):
     calls = _calls(jaxpr.jaxpr, name)
     assert len(calls) == 6, name
     assert len({id(c) for c in calls}) == 2, name
@@ -480,3 +480,29 @@ def test_stats_are_exact_fractions_of_exact_counts(size, jit):
   stats = (jax.jit(run) if jit else run)(task_grads)
   assert float(stats.conflict_fraction) == 1.0
   assert float(stats.kept_fraction) == 0.5
+
+
+class _UnhashableKeep:
+  """A keep function with state, unhashable as a dataclass with ``eq`` is."""
+
+  __hash__ = None  # type: ignore[assignment]
+
+  def __init__(self, slope):
+    self.slope = slope
+
+  def __eq__(self, other):
+    return isinstance(other, _UnhashableKeep) and self.slope == other.slope
+
+  def __call__(self, purity):
+    return 0.5 + self.slope * (purity - 0.5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_an_unhashable_keep_callable_works_as_its_function(jit):
+  task_grads = jax.random.normal(jax.random.key(0), (3, 1000))
+  key = jax.random.key(1)
+  keep = _UnhashableKeep(0.5)
+  run = lambda g: (ogd.graddrop(g, key, keep=keep), ogd.sign_masks(g, key, keep=keep))  # noqa: E731
+  out, masks = (jax.jit(run) if jit else run)(task_grads)
+  chex.assert_trees_all_equal(out, ogd.graddrop(task_grads, key, keep="linear", scale=0.5))
+  chex.assert_trees_all_equal(masks, ogd.sign_masks(task_grads, key, keep="linear", scale=0.5))
