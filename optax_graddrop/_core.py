@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from optax_graddrop import _fusion
 from optax_graddrop import _layout
 from optax_graddrop import _random
+from optax_graddrop import _static
 from optax_graddrop import _sums
 from optax_graddrop import _validation
 
@@ -279,7 +280,7 @@ def finish(
   jax.jit, static_argnames=("fn", "out_dtype", "preserve_norm", "count_dtype", "materialize")
 )
 def _finish_once(
-  sums: _sums.TaskSums, bits: jax.Array, fn: _validation.Static, eps: Any, **options: Any
+  sums: _sums.TaskSums, bits: jax.Array, fn: _static.Static, eps: Any, **options: Any
 ) -> Finished:
   """:func:`finish`, jitted: a model's segments of one shape are traced and
   lowered once (XLA inlines the calls, so the compiled program is the same)."""
@@ -359,7 +360,7 @@ def finish_tree(
     done = _finish_once(
       sums,
       bits,
-      _validation.Static(fn),
+      _static.Static(fn),
       eps,
       out_dtype=out_dtype,
       preserve_norm=preserve_norm,

@@ -61,6 +61,12 @@ class Segment(NamedTuple):
     return math.prod(self.shape)
 
 
+def sharding_spec(array: Any) -> tuple[Any, ...]:
+  """The partition spec ``array``'s type carries (Explicit mesh axes), or ``()``."""
+  spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None)
+  return tuple(spec) if spec is not None else ()
+
+
 def explicitly_sharded(array: Any) -> bool:
   """Whether ``array``'s type carries a sharding (a mesh with Explicit axes).
 
@@ -68,8 +74,14 @@ def explicitly_sharded(array: Any) -> bool:
   merges a sharded dimension needs an output sharding, and GradDrop has no
   reason to pick one.
   """
-  spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None)
-  return spec is not None and any(axis is not None for axis in spec)
+  return any(axis is not None for axis in sharding_spec(array))
+
+
+def several_devices() -> bool:
+  """Whether arrays may be sharded without their types saying so (Auto mesh
+  axes): XLA's partitioner then gathers a sharded array onto every device to
+  flatten it or to meet a layout constraint."""
+  return jax.device_count() > 1
 
 
 def plan(
@@ -98,7 +110,7 @@ def plan(
   selected = [True] * len(shapes) if selected is None else selected
   segments: list[Segment] = []
   small: dict[Any, list[int]] = {}
-  multi_device = jax.device_count() > 1
+  multi_device = several_devices()
   for index, (shape, dtype, size, is_sharded, chosen) in enumerate(
     zip(shapes, dtypes, sizes, sharded, selected)
   ):
@@ -106,9 +118,7 @@ def plan(
       continue
     if is_sharded or size >= _SMALL_LEAF:
       calls = ((offsets[index], _random.num_calls(size)),)
-      # With several devices a leaf may be sharded without its type saying
-      # so (Auto mesh axes): flattening it would merge a sharded axis, which
-      # XLA's partitioner does by gathering the whole leaf onto every device.
+      # Flattening a leaf that may be sharded would merge a sharded axis.
       in_own_shape = is_sharded or (multi_device and len(shape) > 1)
       own_shape = tuple(shape) if in_own_shape else (size,)
       segments.append(Segment((index,), (0,), own_shape, calls, in_own_shape))

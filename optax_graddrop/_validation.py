@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_graddrop import _layout
+
 
 def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.Array:
   """Returns ``key`` as a typed PRNG key array of shape ``()``.
@@ -59,29 +61,6 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   )
 
 
-class Static:
-  """A static argument of a jitted function: equal by value when hashable,
-  else by identity (a user's keep function need not be hashable)."""
-
-  __slots__ = ("value",)
-
-  def __init__(self, value: Any):
-    self.value = value
-
-  def _key(self) -> Any:
-    try:
-      hash(self.value)
-    except TypeError:
-      return ("id", id(self.value))
-    return ("value", self.value)
-
-  def __hash__(self) -> int:
-    return hash(self._key())
-
-  def __eq__(self, other: object) -> bool:
-    return isinstance(other, Static) and (self.value is other.value or self._key() == other._key())
-
-
 def check_num_tasks(num_tasks: Any) -> int:
   """Checks a task count given as an argument (``fork``, ``gradnorm``)."""
   if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
@@ -119,12 +98,6 @@ def check_eps(eps: Any) -> None:
     raise ValueError(f"`eps` must be >= 0; got {eps}.")
 
 
-def _explicit_spec(array: Any) -> tuple[Any, ...]:
-  """The partition spec an array's type carries (Explicit mesh axes), or ``()``."""
-  spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None)
-  return tuple(spec) if spec is not None else ()
-
-
 def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   """Checks that every leaf is a real float array with the same task axis.
 
@@ -158,7 +131,7 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
         f"{where} is a scalar (shape ()); every leaf needs a leading task "
         "axis of size T, e.g. shape (T,) for a per-task scalar."
       )
-    task_axis = _explicit_spec(leaf)[:1]
+    task_axis = _layout.sharding_spec(leaf)[:1]
     if task_axis and task_axis[0] is not None:
       raise ValueError(
         f"{where} is sharded over its task axis (mesh axis {task_axis[0]!r}) with "

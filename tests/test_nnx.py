@@ -175,6 +175,21 @@ class DropoutNet(nnx.Module):
     return self.heads(self.dropout(nnx.relu(self.trunk(x))))
 
 
+@pytest.mark.parametrize(
+  "value_and_grad",
+  [ogd.per_task_value_and_grad, lambda fn: ogd.graddrop_value_and_grad(fn, jax.random.key(0))],
+  ids=["per_task_value_and_grad", "graddrop_value_and_grad"],
+)
+def test_a_module_with_rng_state_gets_a_clear_error(value_and_grad):
+  # jax.vjp would give its key and counter float0 cotangents and silently
+  # freeze its dropout stream.
+  def task_losses(model):
+    return jnp.mean(model(jnp.ones((2, 8))) ** 2, axis=0)
+
+  with pytest.raises(TypeError, match=r"`args\[0\]\.dropout\.rngs\..*nnx.split\(model, nnx.Param"):
+    value_and_grad(task_losses)(DropoutNet(nnx.Rngs(0)))
+
+
 def _parameter_level_step(value_and_grad):
   """The recipe of docs/guide/usage.md, 'NNX models with rng state'."""
 

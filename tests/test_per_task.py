@@ -167,24 +167,3 @@ def test_under_vmap_and_grad():
   second = jax.jit(jax.grad(functools.partial(squared_norm, lambda p, x: fn(p, x)[1])))(params)
   reference = jax.jit(jax.grad(functools.partial(squared_norm, jax.jacrev(_task_losses))))(params)
   tolerances.assert_sums_close(second, reference, terms=2 * TERMS)
-
-
-def test_a_module_with_rng_state_gets_a_clear_error():
-  # jax.vjp would give its key and counter float0 cotangents and silently
-  # freeze its dropout stream.
-  from flax import nnx
-
-  class DropoutNet(nnx.Module):
-    def __init__(self, rngs):
-      self.trunk = nnx.Linear(4, 6, rngs=rngs)
-      self.dropout = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-      return self.dropout(self.trunk(x))
-
-  def task_losses(model):
-    out = model(jnp.ones((2, 4)))
-    return jnp.stack([out.sum(), (out**2).sum()])
-
-  with pytest.raises(TypeError, match=r"`args\[0\]\.dropout\.rngs\..*nnx.split\(model, nnx.Param"):
-    ogd.per_task_value_and_grad(task_losses)(DropoutNet(nnx.Rngs(0)))

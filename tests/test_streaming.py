@@ -263,24 +263,3 @@ def test_mask_gives_the_plain_sum_outside_it(chunk_size):
   tolerances.assert_sums_close(grads, expected, terms=12 + 5 + 7 + 3)
   tolerances.assert_sums_close(grads["heads"], task_grads["heads"].sum(0), terms=12 + 5 + 7 + 3)
   np.testing.assert_allclose(stats.conflict_fraction, expected_stats.conflict_fraction)
-
-
-def test_a_module_with_rng_state_gets_a_clear_error():
-  from flax import nnx
-
-  class DropoutNet(nnx.Module):
-    def __init__(self, rngs):
-      self.trunk = nnx.Linear(4, 6, rngs=rngs)
-      self.dropout = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-      return self.dropout(self.trunk(x))
-
-  model = DropoutNet(nnx.Rngs(0))
-
-  def task_losses(model):
-    out = model(jnp.ones((2, 4)))
-    return jnp.stack([out.sum(), (out**2).sum()])
-
-  with pytest.raises(TypeError, match=r"`args\[0\]\.dropout\.rngs\..*nnx.split\(model, nnx.Param"):
-    ogd.graddrop_value_and_grad(task_losses, jax.random.key(0))(model)
