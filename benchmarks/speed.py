@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -306,37 +307,41 @@ def run_many_tasks(tasks: Sequence[int], total: int, repeats: int) -> str:
   return _common.markdown_table(header, rows)
 
 
-def run_unaligned(cases: Sequence[tuple[int, int]], repeats: int) -> str:
-  """``graddrop`` on ``[T, N]`` stacks: time per entry against the first (aligned) case."""
+def run_unaligned(cases: Sequence[tuple[int, tuple[int, ...]]], repeats: int) -> str:
+  """``graddrop`` on ``[T, *shape]`` stacks: time per entry against the first (aligned) case."""
   key = jax.random.key(1)
   fns, compile_seconds = {}, {}
-  for num_tasks, size in cases:
-    stack = jax.random.normal(jax.random.key(0), (num_tasks, size))
-    fns[num_tasks, size], compile_seconds[num_tasks, size] = _compiled(
+  for num_tasks, shape in cases:
+    stack = jax.random.normal(jax.random.key(0), (num_tasks, *shape))
+    fns[num_tasks, shape], compile_seconds[num_tasks, shape] = _compiled(
       lambda g, k: ogd.graddrop(g, k), stack, key
     )
   times = _interleaved_medians(fns, repeats)
-  per_entry = {case: t / (case[0] * case[1]) for case, t in times.items()}
+  per_entry = {case: t / (case[0] * math.prod(case[1])) for case, t in times.items()}
   reference = per_entry[cases[0]]
-  rows = [
-    [
-      str(num_tasks),
-      f"{size:,}",
-      f"{size & -size:,}",  # the largest power of two dividing N
-      f"{1e3 * times[num_tasks, size]:.2f}",
-      f"{1e9 * per_entry[num_tasks, size]:.3f}",
-      f"{per_entry[num_tasks, size] / reference:.2f}x",
-      f"{compile_seconds[num_tasks, size]:.2f}",
-    ]
-    for num_tasks, size in cases
-  ]
+  rows = []
+  for num_tasks, shape in cases:
+    size = math.prod(shape)
+    rows.append(
+      [
+        str(num_tasks),
+        " x ".join(f"{n:,}" for n in shape),
+        f"{size:,}",
+        f"{size & -size:,}",  # the largest power of two dividing N
+        f"{1e3 * times[num_tasks, shape]:.2f}",
+        f"{1e9 * per_entry[num_tasks, shape]:.3f}",
+        f"{per_entry[num_tasks, shape] / reference:.2f}x",
+        f"{compile_seconds[num_tasks, shape]:.2f}",
+      ]
+    )
   header = [
     "T",
+    "leaf shape",
     "N per task",
     "largest power of 2 dividing N",
     "median ms",
     "ns per entry",
-    f"per entry vs T = {cases[0][0]}, N = {cases[0][1]:,}",
+    f"per entry vs T = {cases[0][0]}, N = {math.prod(cases[0][1]):,}",
     "compile s",
   ]
   return _common.markdown_table(header, rows)
@@ -829,8 +834,10 @@ def _sections(args: argparse.Namespace, out_dir: Any) -> Iterator[str]:
         + run_many_tasks(tasks, total, repeats)
       )
       aligned, many = (12_800, 1_024) if quick else (1_280_000, 10_240)
-      cases = [(8, aligned + extra) for extra in ((0, 1) if quick else (0, 4, 2, 1))]
-      cases += [(tasks[-1], many), (tasks[-1], 1_000 if quick else 10_000)]
+      cases = [(8, (aligned + extra,)) for extra in ((0, 1) if quick else (0, 4, 2, 1))]
+      # An odd size with two axes: the loop runs over rows (see backends.md).
+      cases.append((8, (101, 127) if quick else (1_001, 1_279)))
+      cases += [(tasks[-1], (many,)), (tasks[-1], (1_000 if quick else 10_000,))]
       yield "## Unaligned sizes\n\n" + run_unaligned(cases, repeats)
   mlps = [QUICK_MLP] if quick else [MLPS[name] for name in args.mlp]
   for precision in args.precision:
