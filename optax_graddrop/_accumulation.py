@@ -9,6 +9,7 @@ the per-task gradients of the whole batch, as without accumulation.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_graddrop import _layout
 from optax_graddrop import _validation
 
 
@@ -35,6 +37,11 @@ class MultiStepsState(NamedTuple):
   gradient_step: jax.Array
   inner_state: Any
   acc_task_updates: Any
+
+
+def _sharding(shape: jax.ShapeDtypeStruct) -> Any:
+  """The sharding ``shape``'s type carries (Explicit mesh axes), else ``None``."""
+  return shape.sharding if _layout.explicitly_sharded(shape) else None
 
 
 def multi_steps(
@@ -90,13 +97,13 @@ def multi_steps(
   _validation.check_num_tasks(num_tasks)
   if not callable(every_k_schedule) and (
     isinstance(every_k_schedule, bool)
-    or not isinstance(every_k_schedule, int)
+    or not isinstance(every_k_schedule, numbers.Integral)
     or every_k_schedule < 1
   ):
     raise ValueError(
       f"`every_k_schedule` must be an int >= 1 or a function of the step; got {every_k_schedule!r}."
     )
-  every_k = every_k_schedule if callable(every_k_schedule) else (lambda _: every_k_schedule)
+  every_k = every_k_schedule if callable(every_k_schedule) else (lambda _: int(every_k_schedule))
 
   def init_fn(params: optax.Params) -> MultiStepsState:
     acc = jax.tree.map(lambda p: jnp.zeros((num_tasks, *jnp.shape(p)), jnp.result_type(p)), params)
@@ -143,7 +150,9 @@ def multi_steps(
         )
 
     def skip(acc: Any, inner_state: Any) -> tuple[Any, Any]:
-      return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), inner_state
+      # Typed like apply's updates, sharding included (Explicit mesh axes).
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=_sharding(s)), shapes)
+      return zeros, inner_state
 
     updates, inner_state = jax.lax.cond(emit, apply, skip, acc, state.inner_state)
     new_state = MultiStepsState(

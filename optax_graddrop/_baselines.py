@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from optax.experimental import aggregating
 
 from optax_graddrop import _chunks
@@ -117,9 +118,19 @@ def _gram(task_grads: Any) -> jax.Array:
   )
 
 
-def _weighted_sum(task_grads: Any, weights: jax.Array | None = None) -> Any:
-  """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype."""
-  return jax.tree.map(lambda g: _sums.weighted_sum(g, weights), task_grads)
+def _leaf_weights(weights: Any, leaf: Any) -> jax.Array | None:
+  """``weights`` rounded to ``leaf``'s compute dtype (float32, or float64 for a
+  float64 leaf): a float32 leaf is never summed in float64, whatever the
+  weights' dtype (e.g. from the Gram matrix of a pytree mixing both)."""
+  if weights is None:
+    return None
+  return jnp.asarray(weights, _sums.compute_dtype(jnp.result_type(leaf)))
+
+
+def _weighted_sum(task_grads: Any, weights: Any = None) -> Any:
+  """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype,
+  with ``w`` in the leaf's compute dtype (:func:`_leaf_weights`)."""
+  return jax.tree.map(lambda g: _sums.weighted_sum(g, _leaf_weights(weights, g)), task_grads)
 
 
 def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
@@ -131,8 +142,42 @@ def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
   weights = weights_of(_gram(chosen)) if chosen else None
   return jax.tree_util.tree_unflatten(
     treedef,
-    [_sums.weighted_sum(leaf, weights if keep else None) for leaf, keep in zip(leaves, selected)],
+    [
+      _sums.weighted_sum(leaf, _leaf_weights(weights, leaf) if keep else None)
+      for leaf, keep in zip(leaves, selected)
+    ],
   )
+
+
+def _check_gram(gram: Any) -> int:
+  """Checks a Gram matrix argument (:func:`pcgrad_weights`, :func:`mgda_weights`).
+
+  Shapes and dtypes only, so it costs nothing under ``jax.jit``.
+
+  Returns:
+    The number of tasks ``T``.
+
+  Raises:
+    TypeError: if ``gram`` is not an array of a real floating-point dtype.
+    ValueError: if it is not a square 2-D matrix, or is ``0 x 0``.
+  """
+  if not isinstance(gram, (jax.Array, np.ndarray)):
+    raise TypeError(
+      f"`gram` must be a T x T array of the tasks' inner products; got {type(gram).__name__}."
+    )
+  if not jnp.issubdtype(gram.dtype, jnp.floating):
+    raise TypeError(
+      "`gram` must have a real floating-point dtype (e.g. float32, as from the "
+      f"inner products of float gradients); got dtype {gram.dtype}."
+    )
+  if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+    raise ValueError(
+      f"`gram` must be a square T x T matrix (2-D, one row and column per task); "
+      f"got shape {gram.shape}."
+    )
+  if gram.shape[0] == 0:
+    raise ValueError("`gram` has shape (0, 0); need at least one task.")
+  return gram.shape[0]
 
 
 def sum_tasks(task_grads: Any) -> Any:
@@ -164,7 +209,9 @@ def mean_tasks(task_grads: Any) -> Any:
     Array([ 2., -1.], dtype=float32)
   """
   num_tasks = _validation.check_task_grads(task_grads)
-  return _weighted_sum(task_grads, jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32))
+  # 1/T in float64, rounded once to each leaf's compute dtype (exactly the
+  # float32 1/T for float32 leaves: double rounding is harmless for division).
+  return _weighted_sum(task_grads, np.full((num_tasks,), 1.0 / num_tasks))
 
 
 def _projection_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -209,11 +256,17 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
   Gram matrix and ``jax.grad`` and ``jax.jvp`` differentiate it.
 
   Args:
-    gram: the ``T x T`` Gram matrix of the task gradients.
-    key: draws, for every task, a random order of the other tasks.
+    gram: the ``T x T`` Gram matrix of the task gradients, a real float array.
+    key: a PRNG key (``jax.random.key`` or a legacy ``jax.random.PRNGKey``);
+      draws, for every task, a random order of the other tasks.
 
   Returns:
     The weights ``w`` of shape ``(T,)``, in ``gram``'s dtype.
+
+  Raises:
+    TypeError: if ``key`` is not a single PRNG key, or ``gram`` is not an
+      array of a real floating-point dtype.
+    ValueError: if ``gram`` is not a square 2-D matrix of at least one task.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -221,6 +274,8 @@ def pcgrad_weights(gram: jax.Array, key: jax.Array) -> jax.Array:
     >>> pcgrad_weights(jnp.array([[1.0, -1.0], [-1.0, 2.0]]), jax.random.key(0))
     Array([2. , 1.5], dtype=float32)
   """
+  _check_gram(gram)
+  key = _validation.check_key(key)
   # Jitted: called eagerly, its scan would be traced and compiled every call.
   return _pcgrad_weights(gram, key)
 
@@ -407,7 +462,8 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
   with non-zero weight the weights have a kink.
 
   Args:
-    gram: the ``T x T`` Gram matrix of the task gradients (symmetric).
+    gram: the ``T x T`` Gram matrix of the task gradients (symmetric), a real
+      float array.
     num_iterations: the most Frank-Wolfe steps for ``T > 2``; ``None`` (the
       default) allows ``max(100, 10 T)``.
 
@@ -416,7 +472,9 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     ``gram``'s dtype.
 
   Raises:
-    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``,
+      or ``gram`` is not a square 2-D matrix of at least one task.
+    TypeError: if ``gram`` is not an array of a real floating-point dtype.
 
   Example:
     >>> import jax.numpy as jnp
@@ -429,6 +487,7 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
   """
   _check_num_iterations(num_iterations)
+  _check_gram(gram)
   # Jitted: called eagerly, its loops would be traced and compiled every call.
   return _mgda_weights(gram, num_iterations)
 

@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_graddrop import _fusion
 from optax_graddrop import _layout
@@ -92,8 +93,8 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
     A function from an array of purities to keep probabilities.
 
   Raises:
-    ValueError: for an unknown name, or a ``scale`` given with ``"random"`` or
-      a callable.
+    ValueError: for an unknown name, a ``scale`` that is not finite, or a
+      ``scale`` given with ``"random"`` or a callable.
 
   Example:
     >>> import jax.numpy as jnp
@@ -102,6 +103,8 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
     Array([0.25, 0.5 , 0.75], dtype=float32)
   """
   concrete_scale = _validation.check_scalar(scale, "scale")
+  if concrete_scale is not None and not np.isfinite(concrete_scale):
+    raise ValueError(f"`scale` must be finite; got {scale}.")
   if callable(keep) or keep == "random":
     # A traced scale (a hyperparameter) cannot be checked; it is unused here.
     if concrete_scale is not None and concrete_scale != 1.0:
@@ -217,12 +220,25 @@ def _count_drops(codes: Sequence[tuple[jax.Array, bool]]) -> tuple[jax.Array, ja
 
 
 def rescale_to_norm(combined: jax.Array, target: jax.Array, sharded: bool) -> jax.Array:
+  """``combined * ||target|| / ||combined||`` (a zero ``combined`` stays zero).
+
+  Each norm is taken of the array divided by its largest magnitude: squared
+  as they are, entries beyond about ``1e19`` overflow float32 and entries
+  below about ``1e-19`` underflow (XLA:CPU flushes them to zero), which made
+  the result NaN or zero for gradients well within range.
+  """
+  # The norms do not depend on the divisors, so neither does the derivative.
+  peaks = _sums.max_all([jnp.abs(combined), jnp.abs(target)], combined.dtype, sharded=sharded)
+  peak, target_peak = (jax.lax.stop_gradient(jnp.where(p > 0, p, 1.0)) for p in peaks)
   norm_sq, target_norm_sq = _sums.sum_all(
-    [jnp.square(combined), jnp.square(target)], combined.dtype, sharded=sharded
+    [jnp.square(combined / peak), jnp.square(target / target_peak)],
+    combined.dtype,
+    sharded=sharded,
   )
-  norm = jnp.sqrt(norm_sq)
-  # A zero output stays zero (there is no direction to rescale).
-  return combined * (jnp.sqrt(target_norm_sq) / jnp.where(norm > 0, norm, 1.0))
+  ratio = (target_peak / peak) * (
+    jnp.sqrt(target_norm_sq) / jnp.sqrt(jnp.where(norm_sq > 0, norm_sq, 1.0))
+  )
+  return combined * ratio
 
 
 class Finished(NamedTuple):

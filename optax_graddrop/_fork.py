@@ -159,6 +159,7 @@ def graddrop_activation(
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
+  _validation.check_flags(preserve_norm=preserve_norm, return_stats=return_stats)
   fn = _core.keep_fn(keep, scale)
   count_dtype = _sums.count_dtype(num_tasks) if return_stats else None
   leaves, treedef = jax.tree_util.tree_flatten(features)
@@ -318,10 +319,11 @@ def fork(
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
+  _validation.check_flags(preserve_norm=preserve_norm)
   _core.keep_fn(keep, scale)
   probe = None if stats_probe is None else _check_probe(stats_probe)
-  options = _ForkOptions(num_tasks, keep, scale, eps, marginalize, batch_axes, preserve_norm)
-  return _split(options, features, key, leak_per_task, probe)
+  options = _ForkOptions(num_tasks, keep, marginalize, batch_axes, preserve_norm)
+  return _split(options, features, key, leak_per_task, scale, eps, probe)
 
 
 def stats_probe() -> _core.GradDropStats:
@@ -369,18 +371,20 @@ def _as_cotangent(stats: _core.GradDropStats, probe: _core.GradDropStats) -> _co
 
 
 class _ForkOptions(NamedTuple):
-  """The static options of ``fork`` (hashable, for ``nondiff_argnums``)."""
+  """The static options of ``fork`` (hashable, for ``nondiff_argnums``).
+
+  ``leak``, ``scale`` and ``eps`` may be traced (a schedule, a sweep under
+  ``vmap``), so they travel as arguments instead.
+  """
 
   num_tasks: int
   keep: _core.Keep
-  scale: float
-  eps: float
   marginalize: Marginalize
   batch_axes: tuple[int, ...]
   preserve_norm: bool
 
 
-_Residuals = tuple[Any, jax.Array, Any, _core.GradDropStats | None]
+_Residuals = tuple[Any, jax.Array, Any, Any, Any, _core.GradDropStats | None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -389,9 +393,11 @@ def _split(
   features: Any,
   key: jax.Array,
   leak: Any,
+  scale: Any,
+  eps: Any,
   probe: _core.GradDropStats | None,
 ) -> tuple[Any, ...]:
-  del key, leak, probe
+  del key, leak, scale, eps, probe
   return (features,) * options.num_tasks
 
 
@@ -400,37 +406,39 @@ def _split_fwd(
   features: Any,
   key: jax.Array,
   leak: Any,
+  scale: Any,
+  eps: Any,
   probe: _core.GradDropStats | None,
 ) -> tuple[tuple[Any, ...], _Residuals]:
   # The copies themselves, not a call of `_split`: under an outer derivative
   # (a meta-gradient, a Hessian-vector product) they are the identity, and a
   # call would apply GradDrop a second time, to the second-order cotangents.
-  return (features,) * options.num_tasks, (features, key, leak, probe)
+  return (features,) * options.num_tasks, (features, key, leak, scale, eps, probe)
 
 
 def _split_bwd(
   options: _ForkOptions, residuals: _Residuals, cotangents: tuple[Any, ...]
-) -> tuple[Any, None, None, _core.GradDropStats | None]:
-  features, key, leak, probe = residuals
+) -> tuple[Any, None, None, None, None, _core.GradDropStats | None]:
+  features, key, leak, scale, eps, probe = residuals
   result = graddrop_activation(
     features,
     cotangents,
     key,
     leak=0.0 if leak is None else leak,
     keep=options.keep,
-    scale=options.scale,
-    eps=options.eps,
+    scale=scale,
+    eps=eps,
     marginalize=options.marginalize,
     batch_axes=options.batch_axes,
     preserve_norm=options.preserve_norm,
     return_stats=probe is not None,
   )
-  # The key and the leak are not differentiated; the probe's cotangent is
-  # the statistics.
+  # The key and the options are not differentiated; the probe's cotangent
+  # is the statistics.
   if probe is None:
-    return result, None, None, None
+    return result, None, None, None, None, None
   combined, stats = result
-  return combined, None, None, _as_cotangent(stats, probe)
+  return combined, None, None, None, None, _as_cotangent(stats, probe)
 
 
 _split.defvjp(_split_fwd, _split_bwd)

@@ -149,6 +149,7 @@ def graddrop(
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
+  _validation.check_flags(preserve_norm=preserve_norm, return_stats=return_stats)
   _core.keep_fn(keep, scale)
   selected = tuple(_validation.mask_leaves(mask, first_task(task_grads)))
   return _graddrop(

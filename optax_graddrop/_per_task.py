@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -27,12 +28,13 @@ def _loss_vector(losses: Any) -> jax.Array:
   return losses
 
 
-def check_chunk_size(chunk_size: Any) -> None:
-  """Checks the number of tasks per backward pass."""
+def check_chunk_size(chunk_size: Any) -> int | None:
+  """Checks the number of tasks per backward pass; returns it as a Python int."""
   if chunk_size is not None and (
-    isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
   ):
     raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
+  return None if chunk_size is None else int(chunk_size)
 
 
 def task_vjp(
@@ -223,7 +225,7 @@ def per_task_value_and_grad(
     Array([[2., 2.],
            [1., 1.]], dtype=float32)
   """
-  check_chunk_size(chunk_size)
+  chunk_size = check_chunk_size(chunk_size)
 
   def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
     losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)

@@ -108,8 +108,9 @@ def graddrop_value_and_grad(
     Gradient Sign Dropout <https://arxiv.org/abs/2010.06808>`_, NeurIPS 2020.
   """
   key = _validation.check_key(key)
-  _per_task.check_chunk_size(chunk_size)
+  chunk_size = _per_task.check_chunk_size(chunk_size)
   _validation.check_eps(eps)
+  _validation.check_flags(preserve_norm=preserve_norm, return_stats=return_stats)
   fn = _core.keep_fn(keep, scale)
 
   def value_and_graddrop(*args: Any, **kwargs: Any) -> Any:
@@ -138,7 +139,7 @@ def graddrop_value_and_grad(
       )
       sums = _core.segment_sums(segments, rows, chunk_leak, count_dtype, sums)
       # Leaves outside the mask: the plain sum of their task gradients.
-      plain = {i: p + rows[i].astype(p.dtype).sum(0) for i, p in plain.items()}
+      plain = {i: _sums.add_weighted(p, rows[i]) for i, p in plain.items()}
       if in_loop:
         # A loop carry is in memory anyway: have all its fields computed in one pass.
         sums = [_sums.materialized(s) for s in sums]

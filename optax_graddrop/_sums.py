@@ -180,6 +180,8 @@ def accumulate(
   Returns:
     The sums with the ``k`` tasks added.
   """
+  if leak is not None:
+    leak = leak.astype(sums.positive.dtype)
   for task in range(len(grads)):
     sums = add_task(
       sums,
@@ -306,26 +308,46 @@ def add_tasks(sums: Sequence[TaskSums], rows: Sequence[jax.Array], leak: jax.Arr
   )
 
 
-def _weighted_slices(rows: jax.Array, weights: jax.Array | None, dtype: Any) -> jax.Array:
-  """``sum_i w_i g_i`` as slices added in task order (the CPU schedule)."""
+def _weighted_slices(total: jax.Array, rows: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """``total + sum_i w_i g_i``, slices added in task order (the CPU schedule)."""
+  dtype = total.dtype
 
   def add_block(total: jax.Array, start: Any, size: int, in_loop: bool) -> jax.Array:
     del in_loop
     block = _task_slices(rows, start, size, dtype)
     block_weights = None if weights is None else jax.lax.dynamic_slice_in_dim(weights, start, size)
     for task in range(size):
-      total = total + (block[task] if block_weights is None else block_weights[task] * block[task])
+      term = (
+        block[task] if block_weights is None else block_weights[task].astype(dtype) * block[task]
+      )
+      total = total + term
     return total
 
-  return _chunks.over_chunks(jnp.zeros(rows.shape[1:], dtype), rows.shape[0], BLOCK, add_block)
+  return _chunks.over_chunks(total, rows.shape[0], BLOCK, add_block)
 
 
-def _weighted_reduction(rows: jax.Array, weights: jax.Array | None, dtype: Any) -> jax.Array:
-  """``sum_i w_i g_i`` as one reduction over the task axis (the fused schedule)."""
-  g = rows.astype(dtype)
+def _weighted_reduction(total: jax.Array, rows: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """``total + sum_i w_i g_i``, one reduction over the task axis (the fused schedule)."""
+  g = rows.astype(total.dtype)
   if weights is not None:
-    g = weights.astype(dtype).reshape((-1,) + (1,) * (g.ndim - 1)) * g
-  return jnp.sum(g, axis=0)
+    g = weights.astype(total.dtype).reshape((-1,) + (1,) * (g.ndim - 1)) * g
+  return total + jnp.sum(g, axis=0)
+
+
+def add_weighted(total: jax.Array, rows: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """``total + sum_i w_i g_i`` with the backend's schedule (see the module).
+
+  On CPU the tasks are added to ``total`` one at a time in task order, so
+  adding a stack in chunks gives the same bits as adding it at once.
+
+  Args:
+    total: the running sum, in the compute dtype.
+    rows: ``[k, ...]`` task gradients.
+    weights: ``(k,)`` weights, or ``None`` for ``w = 1``.
+  """
+  return jax.lax.platform_dependent(
+    total, rows, weights, cpu=_weighted_slices, default=_weighted_reduction
+  )
 
 
 @jax.jit
@@ -344,19 +366,17 @@ def weighted_sum(rows: jax.Array, weights: jax.Array | None = None) -> jax.Array
   Returns:
     The weighted sum, shaped ``rows.shape[1:]``.
   """
-  dtype = compute_dtype(rows.dtype)
-  total = jax.lax.platform_dependent(
-    rows,
-    weights,
-    cpu=lambda r, w: _weighted_slices(r, w, dtype),
-    default=lambda r, w: _weighted_reduction(r, w, dtype),
-  )
+  total = add_weighted(jnp.zeros(rows.shape[1:], compute_dtype(rows.dtype)), rows, weights)
   (total,) = _fusion.materialize([total.astype(rows.dtype)])
   return total
 
 
 def _add_tuples(x: tuple[jax.Array, ...], y: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
   return tuple(a + b for a, b in zip(x, y))
+
+
+def _max_tuples(x: tuple[jax.Array, ...], y: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  return tuple(jnp.maximum(a, b) for a, b in zip(x, y))
 
 
 def sum_all(arrays: Sequence[jax.Array], dtype: Any, *, sharded: bool = False) -> tuple[Any, ...]:
@@ -376,11 +396,28 @@ def sum_all(arrays: Sequence[jax.Array], dtype: Any, *, sharded: bool = False) -
   Returns:
     One scalar per array.
   """
+  return _reduce_all(arrays, dtype, _add_tuples, sharded=sharded)
+
+
+def max_all(arrays: Sequence[jax.Array], dtype: Any, *, sharded: bool = False) -> tuple[Any, ...]:
+  """The largest element of each non-negative array (NaN if any is NaN), in
+  one pass over them, as :func:`sum_all`; ``0`` for an empty array."""
+  return _reduce_all(arrays, dtype, _max_tuples, sharded=sharded)
+
+
+def _reduce_all(
+  arrays: Sequence[jax.Array],
+  dtype: Any,
+  combine: Callable[[tuple[jax.Array, ...], tuple[jax.Array, ...]], tuple[jax.Array, ...]],
+  *,
+  sharded: bool,
+) -> tuple[Any, ...]:
+  """Every element of each array combined by ``combine`` (identity ``0``)."""
   zeros_ = (jnp.zeros((), dtype),) * len(arrays)
   if sharded:
     every_axis = tuple(range(jnp.ndim(arrays[0])))
     return tuple(
-      jax.lax.reduce(tuple(a.astype(dtype) for a in arrays), zeros_, _add_tuples, every_axis)
+      jax.lax.reduce(tuple(a.astype(dtype) for a in arrays), zeros_, combine, every_axis)
     )
   flat = [a.reshape(-1).astype(dtype) for a in arrays]
   size = flat[0].shape[0]
@@ -388,9 +425,9 @@ def sum_all(arrays: Sequence[jax.Array], dtype: Any, *, sharded: bool = False) -
   blocks = size // _SUM_BLOCK
   if blocks:
     main = tuple(f[: blocks * _SUM_BLOCK].reshape(blocks, _SUM_BLOCK) for f in flat)
-    block_sums = jax.lax.reduce(main, zeros_, _add_tuples, dimensions=(1,))
-    totals = _add_tuples(totals, jax.lax.reduce(block_sums, zeros_, _add_tuples, dimensions=(0,)))
+    block_totals = jax.lax.reduce(main, zeros_, combine, dimensions=(1,))
+    totals = combine(totals, jax.lax.reduce(block_totals, zeros_, combine, dimensions=(0,)))
   if size % _SUM_BLOCK:
     tails = tuple(f[blocks * _SUM_BLOCK :] for f in flat)
-    totals = _add_tuples(totals, jax.lax.reduce(tails, zeros_, _add_tuples, dimensions=(0,)))
+    totals = combine(totals, jax.lax.reduce(tails, zeros_, combine, dimensions=(0,)))
   return totals

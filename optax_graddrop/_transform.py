@@ -104,6 +104,7 @@ def aggregator_transform(
   ) -> tuple[optax.Updates, AggregatorState]:
     del extra_args
     _validation.check_not_masked(task_updates)
+    _validation.check_not_in_apply_if_finite()
     if params is not None:
       _validation.check_stacked_like_params(task_updates, params)
     if state.rng_key is None:
@@ -201,6 +202,7 @@ def graddrop_transform(
   key = _validation.check_key(key, allow_seed=True)
   _core.keep_fn(keep, scale)
   _validation.check_eps(eps)
+  _validation.check_flags(preserve_norm=preserve_norm, track_stats=track_stats)
   initial_stats = _core.GradDropStats(
     conflict_fraction=jnp.zeros([], jnp.float32), kept_fraction=jnp.ones([], jnp.float32)
   )

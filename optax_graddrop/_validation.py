@@ -36,6 +36,8 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
     TypeError: for anything that is not a single PRNG key (or seed).
   """
   if allow_seed and isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
+    if not -(2**63) <= int(key) < 2**63:
+      raise ValueError(f"An int seed for `{name}` must fit in int64; got {key}.")
     return jax.random.key(int(key))
   expected = "a PRNG key from jax.random.key(seed) or jax.random.PRNGKey(seed)"
   if allow_seed:
@@ -59,6 +61,17 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
     f"`{name}` must be {expected}; got an array of dtype {key.dtype} and shape "
     f"{key.shape} (a legacy raw key is uint32 with shape {raw_shape})."
   )
+
+
+def check_flags(**flags: Any) -> None:
+  """Checks that on/off options are bools (a string such as ``"no"`` is truthy).
+
+  Raises:
+    TypeError: naming the first option that is not a Python or NumPy bool.
+  """
+  for name, value in flags.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"`{name}` must be a bool; got {value!r} of type {type(value).__name__}.")
 
 
 def check_num_tasks(num_tasks: Any) -> int:
@@ -120,7 +133,7 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   for path, leaf in leaves:
     where = f"`{name}{jax.tree_util.keystr(path)}`"
     dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
+    if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 16:
       raise TypeError(
         f"{where} has dtype {dtype}; GradDrop needs real floating-point "
         "gradients (float16, bfloat16, float32 or float64)."
@@ -184,7 +197,7 @@ def check_differentiable(primal: Any, *, name: str = "args[0]") -> None:
 
 
 def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
-  """Checks the leak ratio and returns it as a float32 array of shape (T,).
+  """Checks the leak ratio and returns it as an array of shape (T,).
 
   Args:
     leak: a scalar or a length-``num_tasks`` array of values in ``[0, 1]``.
@@ -192,7 +205,9 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
 
   Returns:
     ``None`` when the leak is concretely zero for every task (the fast path),
-    else a float32 array of shape ``(num_tasks,)``.
+    else a float array of shape ``(num_tasks,)``: float64 when JAX has it
+    enabled (concrete values) or as traced, which the sums cast to their
+    dtype.
 
   Raises:
     TypeError: if the leak is not a real number or array of them.
@@ -218,13 +233,16 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
     )
   if isinstance(leak, jax.core.Tracer):
     # Traced values cannot be inspected; the caller vouches for the range.
-    return jnp.broadcast_to(jnp.asarray(leak, jnp.float32), (num_tasks,))
+    floating = leak if jnp.issubdtype(dtype, jnp.floating) else jnp.asarray(leak, jnp.float32)
+    return jnp.broadcast_to(floating, (num_tasks,))
   values = np.asarray(leak, dtype=np.float64)
   if not np.all((values >= 0.0) & (values <= 1.0)):
     raise ValueError(f"`leak` must lie in [0, 1] for every task; got {values.tolist()}.")
   if not np.any(values):
     return None
-  return jnp.broadcast_to(jnp.asarray(values, jnp.float32), (num_tasks,))
+  # Float64 where JAX has it, so that float64 gradients get the exact leak;
+  # the sums cast it to their dtype.
+  return jnp.broadcast_to(jnp.asarray(values), (num_tasks,))
 
 
 def check_stacked_like_params(task_updates: Any, params: Any, *, name: str = "updates") -> None:
@@ -312,6 +330,26 @@ def check_not_masked(task_updates: Any) -> None:
     "e.g. graddrop_transform(key, mask={'trunk': True, 'heads': False}): the "
     "leaves where it is False get the plain sum of their task updates."
   )
+
+
+def check_not_in_apply_if_finite() -> None:
+  """Checks that ``optax.apply_if_finite`` does not wrap the aggregator.
+
+  The step it rejects returns zeros shaped like its input, the stacked
+  per-task updates, where the accepted step returns the aggregate; JAX then
+  reports mismatched ``cond`` branches, which does not name the cause.
+
+  Raises:
+    ValueError: if ``optax.apply_if_finite``'s update is on the call stack.
+  """
+  if _called_from_optax("apply_if_finite.<locals>.update"):
+    raise ValueError(
+      "optax.apply_if_finite wraps the aggregator: a step it rejects would return "
+      "the stacked per-task updates, not one update per parameter. Put it after "
+      "the aggregator, e.g. optax.chain(graddrop_transform(key), "
+      "optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=5)): the "
+      "aggregate of non-finite task updates is non-finite, so the step is skipped."
+    )
 
 
 def _called_from_optax(qualname: str) -> bool:

@@ -19,6 +19,21 @@ import optax
 from optax_graddrop import _validation
 
 
+def _real_array(value: Any, name: str) -> jax.Array:
+  """``value`` as an array, checked to hold real numbers (floats or ints).
+
+  Raises:
+    TypeError: for bool, complex or other non-real dtypes (whose imaginary
+      parts a cast would drop without a word).
+  """
+  array = jnp.asarray(value)
+  if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+    raise TypeError(
+      f"`{name}` must hold real numbers (a float or int array); got dtype {array.dtype}."
+    )
+  return array
+
+
 def weight_tasks(task_grads: Any, weights: jax.Array) -> Any:
   """Scales task ``i``'s slice of every leaf by ``weights[i]``.
 
@@ -27,10 +42,14 @@ def weight_tasks(task_grads: Any, weights: jax.Array) -> Any:
 
   Args:
     task_grads: a pytree whose leaves are float arrays ``[T, ...]``.
-    weights: shape ``(T,)``.
+    weights: real numbers (float or int), shape ``(T,)``.
 
   Returns:
     The weighted pytree, same shapes and dtypes.
+
+  Raises:
+    ValueError: if ``weights`` does not have shape ``(T,)``.
+    TypeError: if ``weights`` is not real (bool or complex, say).
 
   Example:
     >>> import jax.numpy as jnp
@@ -44,9 +63,10 @@ def weight_tasks(task_grads: Any, weights: jax.Array) -> Any:
     raise ValueError(
       f"`weights` must have shape ({num_tasks},), one per task; got {jnp.shape(weights)}."
     )
+  weights = _real_array(weights, "weights")
 
   def scale(g: jax.Array) -> jax.Array:
-    w = jnp.asarray(weights).reshape((num_tasks,) + (1,) * (g.ndim - 1))
+    w = weights.reshape((num_tasks,) + (1,) * (g.ndim - 1))
     return (g * w).astype(g.dtype)
 
   return jax.tree.map(scale, task_grads)
@@ -63,11 +83,16 @@ def uncertainty_weighted_losses(losses: jax.Array, log_variances: jax.Array) -> 
   through ``fork``.
 
   Args:
-    losses: shape ``(T,)``.
-    log_variances: the parameters ``s``, shape ``(T,)`` (initialise at 0).
+    losses: real numbers, shape ``(T,)``.
+    log_variances: the parameters ``s``, real numbers of shape ``(T,)``
+      (initialise at 0).
 
   Returns:
     The weighted losses, shape ``(T,)``.
+
+  Raises:
+    ValueError: if the two do not both have shape ``(T,)``.
+    TypeError: if either is not real (bool or complex, say).
 
   Example:
     >>> import jax.numpy as jnp
@@ -79,7 +104,8 @@ def uncertainty_weighted_losses(losses: jax.Array, log_variances: jax.Array) -> 
     Kendall, Gal & Cipolla, `Multi-Task Learning Using Uncertainty to Weigh
     Losses <https://arxiv.org/abs/1705.07115>`_, CVPR 2018.
   """
-  losses, log_variances = jnp.asarray(losses), jnp.asarray(log_variances)
+  losses = _real_array(losses, "losses")
+  log_variances = _real_array(log_variances, "log_variances")
   if losses.ndim != 1 or log_variances.shape != losses.shape:
     raise ValueError(
       "`losses` and `log_variances` must both have shape (T,); got "
@@ -93,7 +119,8 @@ class GradNormState(NamedTuple):
 
   Attributes:
     weights: the task weights ``w``, shape ``(T,)``, summing to ``T``.
-    initial_losses: the losses at the first update, ``L_i(0)``.
+    initial_losses: ``L_i(0)``, each task's first positive loss; 0 for a
+      task that has not had one yet.
     count: number of updates so far.
     optimizer_state: the state of the optimizer of the weights.
   """
@@ -127,6 +154,14 @@ def gradnorm(
   and renormalises ``w`` to sum to ``T``. ``alpha`` sets how strongly tasks
   that train slower are pushed (0: equal weighted gradient norms).
 
+  ``L_i(0)`` is task ``i``'s first positive loss, usually its loss at the
+  first update. A task whose loss is not positive yet (e.g. 0: a masked
+  loss over a batch without labels for it) has ``L_i / L_i(0) = 1`` until
+  its loss is positive, and that loss becomes its ``L_i(0)``; where every
+  ratio is 0 (all losses trained down to 0), every ``r_i`` is 1. So the
+  weights stay finite. The losses are expected to be non-negative, as in
+  the paper.
+
   Usage, with per-task gradients (``layer`` picks ``W``'s leaves)::
 
     weighted = ogd.weight_tasks(task_grads, gn_state.weights)  # this step
@@ -145,6 +180,12 @@ def gradnorm(
     ``layer_task_grads`` are the UNweighted per-task gradients of ``W``
     (a pytree with a leading task axis).
 
+  Raises:
+    ValueError: if ``num_tasks`` is not an int ``>= 1``; from ``update``, if
+      the losses or layer gradients are not for ``num_tasks`` tasks.
+    TypeError: from ``update``, if the losses are not real numbers or a
+      layer gradient is not a real float array.
+
   References:
     Chen et al., `GradNorm: Gradient Normalization for Adaptive Loss
     Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
@@ -157,14 +198,14 @@ def gradnorm(
     weights = jnp.ones((num_tasks,), jnp.float32)
     return GradNormState(
       weights=weights,
-      initial_losses=jnp.ones((num_tasks,), jnp.float32),
+      initial_losses=jnp.zeros((num_tasks,), jnp.float32),
       count=jnp.zeros([], jnp.int32),
       optimizer_state=weight_optimizer.init(weights),
     )
 
   def update(state: GradNormState, losses: jax.Array, layer_task_grads: Any) -> GradNormState:
     found = _validation.check_task_grads(layer_task_grads, name="layer_task_grads")
-    losses = jnp.asarray(losses, jnp.float32)
+    losses = _real_array(losses, "losses").astype(jnp.float32)
     if found != num_tasks or losses.shape != (num_tasks,):
       raise ValueError(
         f"GradNorm was built for {num_tasks} tasks; got losses of shape {losses.shape} "
@@ -172,9 +213,14 @@ def gradnorm(
       )
     as_float32 = jax.tree.map(lambda g: g.astype(jnp.float32), layer_task_grads)
     grad_norms = jax.vmap(optax.tree.norm)(as_float32)
-    initial = jnp.where(state.count == 0, losses, state.initial_losses)
-    ratios = losses / initial
-    inverse_rates = ratios / jnp.mean(ratios)
+    # L_i(0) is the first positive loss (NaN is not recorded); until then the ratio is 1.
+    recorded = state.initial_losses > 0
+    initial = jnp.where(recorded, state.initial_losses, jnp.where(losses > 0, losses, 0))
+    known = initial > 0
+    ratios = jnp.where(known, losses / jnp.where(known, initial, 1), 1)
+    mean_ratio = jnp.mean(ratios)
+    trained = mean_ratio > 0  # else every loss is 0: equal rates
+    inverse_rates = jnp.where(trained, ratios / jnp.where(trained, mean_ratio, 1), 1)
     weighted_norms = state.weights * grad_norms
     target = jax.lax.stop_gradient(jnp.mean(weighted_norms) * inverse_rates**alpha)
     # d/dw_i of sum_i |w_i n_i - target_i|.

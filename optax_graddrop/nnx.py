@@ -66,8 +66,9 @@ class GradDrop(nnx.Module):
       (a tuple, list, NumPy or JAX array). A concrete leak is stored as
       Python floats, a static hyperparameter like ``nnx.Dropout``'s rate; a
       leak traced at construction is stored as data.
-    keep, scale, eps, marginalize, preserve_norm: as for
-      :func:`optax_graddrop.fork`.
+    scale, eps: as for :func:`optax_graddrop.fork`: Python or NumPy/JAX
+      scalars, stored as the leak is.
+    keep, marginalize, preserve_norm: as for :func:`optax_graddrop.fork`.
     batch_axes: as for :func:`optax_graddrop.fork`: every axis the next layer
       shares its weights across, e.g. ``(0, 1)`` for ``[B, L, D]`` sequences
       and ``(0, 1, 2)`` for ``[B, H, W, C]`` maps.
@@ -113,13 +114,11 @@ class GradDrop(nnx.Module):
     _validation.check_leak(leak, num_tasks)
     _core.keep_fn(keep, scale)
     self.num_tasks = num_tasks
-    # Flax keeps non-array attributes static and arrays as state: a concrete
-    # leak is a hyperparameter (static, like a tuple), a traced one is data.
-    self.leak = nnx.data(leak) if isinstance(leak, jax.core.Tracer) else _static_leak(leak)
+    self.leak = _hyperparameter(leak)
+    self.scale = _hyperparameter(scale)
+    self.eps = _hyperparameter(eps)
     self.options: dict[str, Any] = dict(
       keep=keep,
-      scale=scale,
-      eps=eps,
       marginalize=marginalize,
       batch_axes=batch_axes,
       preserve_norm=preserve_norm,
@@ -173,13 +172,27 @@ class GradDrop(nnx.Module):
     else:
       key = source
     return _fork.fork(
-      features, key, self.num_tasks, leak=self.leak, stats_probe=probe, **self.options
+      features,
+      key,
+      self.num_tasks,
+      leak=self.leak,
+      scale=self.scale,
+      eps=self.eps,
+      stats_probe=probe,
+      **self.options,
     )
 
 
-def _static_leak(leak: Any) -> Any:
-  """A concrete leak as Python floats (a tuple for one per task)."""
-  if isinstance(leak, (list, tuple, np.ndarray, np.generic, jax.Array)):
-    values = np.asarray(leak, np.float64).tolist()
+def _hyperparameter(value: Any) -> Any:
+  """``leak``, ``scale`` or ``eps`` as the layer keeps it.
+
+  Flax keeps non-array attributes static and arrays as state: a concrete
+  value is a hyperparameter, kept static as Python floats (a tuple for one
+  per task) like ``nnx.Dropout``'s rate; a traced one is data.
+  """
+  if isinstance(value, jax.core.Tracer):
+    return nnx.data(value)
+  if isinstance(value, (list, tuple, np.ndarray, np.generic, jax.Array)):
+    values = np.asarray(value, np.float64).tolist()
     return tuple(values) if isinstance(values, list) else values
-  return leak
+  return value

@@ -339,3 +339,104 @@ def test_bad_num_iterations_is_rejected(bad):
     ogd.mgda(jnp.ones((3, 2)), bad)
   with pytest.raises(ValueError, match="`num_iterations`"):
     ogd.mgda_transform(bad)
+
+
+_WEIGHTS_FNS = {
+  "pcgrad_weights": lambda gram: ogd.pcgrad_weights(gram, jax.random.key(0)),
+  "mgda_weights": ogd.mgda_weights,
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("fn", list(_WEIGHTS_FNS.values()), ids=list(_WEIGHTS_FNS))
+@pytest.mark.parametrize(
+  ("gram", "error", "message"),
+  [
+    (np.ones((3, 2), np.float32), ValueError, r"`gram` must be a square .* got shape \(3, 2\)"),
+    (np.ones((3,), np.float32), ValueError, r"`gram` must be a square .* got shape \(3,\)"),
+    (np.zeros((0, 0), np.float32), ValueError, r"`gram` has shape \(0, 0\); need at least one"),
+    (np.eye(3, dtype=np.int32), TypeError, "`gram` must have a real floating-point dtype.*int32"),
+    (np.eye(3, dtype=bool), TypeError, "`gram` must have a real floating-point dtype.*bool"),
+    (np.eye(2, dtype=np.complex64), TypeError, "`gram` must have a real floating-point"),
+    ([[1.0, 0.0], [0.0, 1.0]], TypeError, "`gram` must be a T x T array .* got list"),
+  ],
+)
+def test_weights_functions_reject_a_bad_gram(fn, jit, gram, error, message):
+  with pytest.raises(error, match=message):
+    (jax.jit(fn) if jit else fn)(gram)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize(
+  ("key", "message"),
+  [
+    (3, "`key` must be a PRNG key .* got int"),
+    (np.array([0.0, 7.0], np.float32), "`key` must be a PRNG key .* dtype float32"),
+    (jax.random.split(jax.random.key(0), 2), r"`key` must be a single PRNG key \(shape \(\)\)"),
+  ],
+)
+def test_pcgrad_weights_rejects_a_bad_key(key, message, jit):
+  gram = jnp.array([[1.0, -1.0], [-1.0, 2.0]])
+  if jit and isinstance(key, int):
+    key = jnp.asarray(key)  # jit passes an int as an int32 array
+    message = "`key` must be a PRNG key .* dtype int32"
+  fn = jax.jit(ogd.pcgrad_weights) if jit else ogd.pcgrad_weights
+  with pytest.raises(TypeError, match=message):
+    fn(gram, key)
+  # Legacy raw keys are keys; under vmap, each call sees one key.
+  chex.assert_trees_all_equal(
+    fn(gram, jax.random.PRNGKey(1)), ogd.pcgrad_weights(gram, jax.random.key(1))
+  )
+  keys = jax.random.split(jax.random.key(0), 2)
+  chex.assert_shape(jax.vmap(ogd.pcgrad_weights, (None, 0))(gram, keys), (2, 2))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_mean_weights_are_exact_in_each_leafs_compute_dtype(jit):
+  rng = np.random.default_rng(5)
+  with enable_x64():
+    mean, transform = ogd.mean_tasks, ogd.mean_transform()
+    if jit:
+      mean = jax.jit(mean)
+    update = jax.jit(transform.update) if jit else transform.update
+    ones = jnp.ones((3, 4), jnp.float64)
+    chex.assert_trees_all_equal(mean(ones), jnp.ones(4, jnp.float64))  # was 1.0000000298
+    chex.assert_trees_all_equal(
+      update(ones, transform.init(jnp.zeros(4)))[0], jnp.ones(4, jnp.float64)
+    )
+    # 7 tasks of float64 and, beside them, float32: each leaf weighted in its own
+    # compute dtype, the float32 one by the float32 1/7 (never promoted to float64).
+    g = {"f64": rng.normal(size=(7, 50)), "f32": rng.normal(size=(7, 6)).astype(np.float32)}
+    out = mean(jax.tree.map(jnp.asarray, g))
+    chex.assert_trees_all_equal_dtypes(
+      out, {"f64": jnp.ones(1, jnp.float64), "f32": jnp.ones(1, jnp.float32)}
+    )
+    np.testing.assert_allclose(out["f64"], g["f64"].mean(0), rtol=4e-15, atol=0)
+    w32 = np.float32(1 / 7)
+    expected32 = np.zeros(6, np.float32)
+    for task in range(7):
+      expected32 = expected32 + w32 * g["f32"][task]
+    tolerances.assert_sums_close(out["f32"], expected32, terms=7)
+
+
+@pytest.mark.parametrize("num_tasks", [3, 33])  # 33: a loop over blocks of tasks on CPU
+def test_weights_from_a_mixed_precision_gram_keep_float32_leaves_float32(num_tasks):
+  rng = np.random.default_rng(6)
+  g = {"f64": rng.normal(size=(num_tasks, 5)), "f32": rng.normal(size=(num_tasks, 3))}
+  g["f32"] = g["f32"].astype(np.float32).astype(np.float64)  # exactly the float32 leaf
+  with enable_x64():
+    tree = {"f64": jnp.asarray(g["f64"]), "f32": jnp.asarray(g["f32"], jnp.float32)}
+    # The Gram matrix of both leaves together is float64, and so are weights
+    # from it (here its diagonal, for speed; PCGrad's and MGDA's likewise).
+    weights = np.diagonal(g["f64"] @ g["f64"].T + g["f32"] @ g["f32"].T)
+    out = _baselines._combine_masked(tree, None, jnp.diagonal)  # raised a TypeError
+    chex.assert_trees_all_equal_dtypes(
+      out, {"f64": jnp.ones(1, jnp.float64), "f32": jnp.ones(1, jnp.float32)}
+    )
+    np.testing.assert_allclose(out["f64"], weights @ g["f64"], rtol=1e-12)
+    weights32, f32 = weights.astype(np.float32), tree["f32"]
+    tolerances.assert_sums_close(out["f32"], weights32 @ np.asarray(f32), terms=2 * num_tasks)
+    if num_tasks == 3:  # and through a public aggregator
+      mgda = jax.jit(ogd.mgda)(tree)
+      chex.assert_trees_all_equal_dtypes(mgda, out)
+      chex.assert_tree_all_finite(mgda)

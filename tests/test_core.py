@@ -110,6 +110,17 @@ def test_preserve_norm_gives_the_plain_sum_norm(leak):
   np.testing.assert_allclose(cos, 1.0, rtol=rtol)
 
 
+@pytest.mark.parametrize("scale", [2.0**-70, 1e-20, 1e19, 1e30])
+def test_preserve_norm_holds_across_the_float32_range(scale):
+  # Squared as they are, these values overflow or underflow float32.
+  task_grads = jnp.array([[1.0, 2.0, -1.0, 3.0], [-2.0, 1.0, 1.0, 1.0]])
+  key = jax.random.key(0)
+  expected = ogd.graddrop(task_grads, key, preserve_norm=True) * scale
+  out = ogd.graddrop(task_grads * scale, key, preserve_norm=True)
+  # Two norms of four squares of sums of two tasks, and the scaling.
+  np.testing.assert_allclose(out, expected, rtol=tolerances.summation_rtol(jnp.float32, 2 + 4 + 2))
+
+
 def test_leak_per_task_matches_the_formula():
   # out = sum_i (l_i + (1 - l_i) M_i) g_i, with the masks sign_masks returns.
   task_grads = jax.random.normal(jax.random.key(0), (3, 1000))
@@ -121,6 +132,23 @@ def test_leak_per_task_matches_the_formula():
   tolerances.assert_sums_close(
     ogd.graddrop(task_grads, key), jnp.sum(masks * task_grads, 0), terms=3
   )
+
+
+@pytest.mark.parametrize("leak", [0.1, [0.1, 0.2, 0.3]])
+def test_float64_gradients_get_the_leak_in_float64(leak):
+  with jax_compat.enable_x64():
+    task_grads = jax.random.normal(jax.random.key(0), (3, 50), jnp.float64)
+    key = jax.random.key(1)
+    masks = ogd.sign_masks(task_grads, key)
+    per_task = jnp.broadcast_to(jnp.asarray(leak, jnp.float64), (3,))[:, None]
+    expected = jnp.sum((per_task + (1 - per_task) * masks) * task_grads, 0)
+    out = ogd.graddrop(task_grads, key, leak=leak)
+    tolerances.assert_sums_close(out, expected, terms=3)
+    # The derivative in a traced float64 leak, against central differences.
+    total = lambda value: ogd.graddrop(task_grads, key, leak=value).sum()  # noqa: E731
+    step = 1e-6
+    difference = (total(0.3 + step) - total(0.3 - step)) / (2 * step)
+    np.testing.assert_allclose(jax.grad(total)(jnp.float64(0.3)), difference, rtol=1e-8)
 
 
 def test_sign_masks_keep_exactly_one_sign_per_scalar():
@@ -360,20 +388,19 @@ _NORMAL_RANGE = {  # (smallest normal, largest finite) of each dtype
 }
 
 
-def _scales(draw, values, outputs, dtype, squares=False):
-  """A power of two keeping every input and output normal in ``dtype``."""
+def _scales(draw, values, outputs, dtype, leak=0.0):
+  """A power of two keeping every input, product with the leak and output
+  normal in ``dtype`` (XLA:CPU flushes subnormal results to zero)."""
   tiny, huge = _NORMAL_RANGE[dtype]
   nonzero = np.abs(np.concatenate([v.ravel() for v in values + outputs]))
   nonzero = nonzero[nonzero > 0]
   if not nonzero.size:  # all zero: any scale
     return draw(st.integers(-10, 10))
+  leaks = np.atleast_1d(np.asarray(leak, np.float64))
+  factors = np.concatenate([leaks, 1.0 - leaks, [1.0]])  # l_i g_i and (1 - l_i) g_i
+  smallest = nonzero.min() * factors[factors > 0].min()
   largest = max(float(np.abs(v).sum(0).max()) for v in values)  # bounds every sum
-  low, high = math.log2(tiny / nonzero.min()), math.log2(huge / largest) - 1
-  if squares:  # the norms of preserve_norm square the values (in float32 or wider)
-    low = max(low, (math.log2(_NORMAL_RANGE[jnp.float32][0]) - 2 * math.log2(nonzero.min())) / 2)
-    high = min(
-      high, (math.log2(_NORMAL_RANGE[jnp.float32][1] / values[0].size) / 2) - math.log2(largest)
-    )
+  low, high = math.log2(tiny / smallest), math.log2(huge / largest) - 1
   return draw(st.integers(math.ceil(low), math.floor(high)))
 
 
@@ -389,7 +416,7 @@ def test_scaling_by_a_power_of_two_scales_the_output_exactly(problem, seed, pres
     problem.leaves(),
     [np.asarray(o, np.float64) for o in jax.tree.leaves(out)],
     problem.dtype,
-    squares=preserve_norm,
+    problem.leak,
   )
   scaled = jax.tree.map(lambda g: g * jnp.asarray(2.0**k, g.dtype), task_grads)
   scaled_out, scaled_stats = ogd.graddrop(scaled, key, return_stats=True, **options)

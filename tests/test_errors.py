@@ -46,6 +46,10 @@ GOOD = {"w": jnp.ones((2, 3)), "b": jnp.ones((2,))}
     (GOOD, jnp.zeros(3, jnp.uint32), {}, TypeError, r"shape \(3,\)"),
     (GOOD, jnp.zeros(2, jnp.float32), {}, TypeError, "dtype float32"),
     (GOOD, jax.random.split(KEY, 2), {}, TypeError, "single PRNG key"),
+    (GOOD, KEY, {"scale": float("nan")}, ValueError, "`scale` must be finite"),
+    (GOOD, KEY, {"preserve_norm": "no"}, TypeError, "`preserve_norm` must be a bool"),
+    (GOOD, KEY, {"return_stats": 1}, TypeError, "`return_stats` must be a bool"),
+    (jnp.ones((2, 3), jnp.float8_e4m3fn), KEY, {}, TypeError, "dtype float8_e4m3fn"),
   ],
 )
 def test_graddrop_rejects_bad_input(task_grads, key, options, error, match):
@@ -74,6 +78,13 @@ def test_traced_leak_is_accepted_with_the_right_shape():
     (lambda: ogd.graddrop_transform(1.5), TypeError, "got float"),
     (lambda: ogd.graddrop_transform(0, keep="nope"), ValueError, "Unknown `keep`"),
     (lambda: ogd.per_task_value_and_grad(jnp.sum, chunk_size=0), ValueError, "chunk_size"),
+    (lambda: ogd.graddrop_transform(2**70), ValueError, "must fit in int64"),
+    (lambda: ogd.graddrop_transform(0, track_stats="yes"), TypeError, "`track_stats` must be"),
+    (
+      lambda: ogd.graddrop_value_and_grad(jnp.sum, KEY, preserve_norm=None),
+      TypeError,
+      "`preserve_norm` must be a bool",
+    ),
   ],
 )
 def test_factories_reject_bad_options(factory, error, match):
@@ -120,6 +131,7 @@ FORK_CASES = [
   ({"key": 3}, TypeError, "`key` must be a PRNG key"),
   ({"keep": "fair"}, ValueError, "Unknown `keep`"),
   ({"eps": -1.0}, ValueError, "`eps` must be >= 0"),
+  ({"preserve_norm": "no"}, TypeError, "`preserve_norm` must be a bool"),
 ]
 
 
@@ -244,6 +256,10 @@ SHAPES = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
       r"optax.MultiSteps wraps the aggregator.*optax_graddrop.multi_steps\(inner",
     ),
     (lambda tx: optax.flatten(tx), r"has shape \(10,\).*optax.flatten raveled the task axis"),
+    (
+      lambda tx: optax.apply_if_finite(optax.chain(tx, optax.sgd(1.0)), 3),
+      r"optax.apply_if_finite wraps the aggregator.*Put it after",
+    ),
     (lambda tx: optax.chain(ogd.sum_transform(), tx), "put the aggregator first in the chain"),
   ],
 )
@@ -265,3 +281,24 @@ def test_partition_with_an_aggregator_in_every_part_is_not_an_error():
   np.testing.assert_array_equal(updates["w"], ogd.graddrop(STACKED["w"], keys[0]))
   # The same projections and sums, however XLA fuses them.
   tolerances.assert_sums_close(updates["b"], ogd.pcgrad(STACKED["b"], keys[1]), terms=2 + 2)
+
+
+def test_numpy_integers_are_accepted_where_ints_are():
+  def task_losses(w):
+    return jnp.stack([jnp.sum(w**2), jnp.sum(w)])
+
+  w = jnp.ones(3)
+  for chunk_size in (np.int64(1), np.int32(2)):
+    np.testing.assert_array_equal(
+      ogd.per_task_value_and_grad(task_losses, chunk_size=chunk_size)(w)[1],
+      ogd.per_task_value_and_grad(task_losses, chunk_size=int(chunk_size))(w)[1],
+    )
+    ogd.graddrop_value_and_grad(task_losses, KEY, chunk_size=chunk_size)(w)
+  inner = optax.chain(ogd.sum_transform(), optax.sgd(1.0))
+  for every_k in (np.int32(2), 2):
+    tx = ogd.multi_steps(inner, every_k_schedule=every_k, num_tasks=2)
+    state = tx.init(w)
+    first, state = tx.update(jnp.ones((2, 3)), state, w)
+    second, _ = tx.update(jnp.ones((2, 3)), state, w)
+    np.testing.assert_array_equal(first, jnp.zeros(3))  # accumulating
+    np.testing.assert_array_equal(second, jnp.full(3, -2.0))  # applied

@@ -58,6 +58,25 @@ def test_forward_is_the_identity():
     chex.assert_trees_all_equal(branch, features)
 
 
+@pytest.mark.parametrize("name, values", [("scale", (0.1, 3.0)), ("eps", (0.0, 1e3))])
+def test_scale_and_eps_may_be_traced(name, values):
+  # A schedule (jit) or a sweep (vmap) of them, as graddrop allows.
+  features = jax.random.normal(jax.random.key(0), (16, 32))
+  key = jax.random.key(1)
+
+  def grad(value):
+    def loss(x):
+      a, b = ogd.fork(x, key, 2, **{name: value})
+      return jnp.sum(a**2) - jnp.sum(3.0 * b)
+
+    return jax.grad(loss)(features)
+
+  expected = jnp.stack([grad(value) for value in values])
+  tolerances.assert_sums_close(jax.vmap(grad)(jnp.array(values)), expected, terms=2)
+  tolerances.assert_sums_close(jax.jit(grad)(values[1]), expected[1], terms=2)
+  assert not jnp.array_equal(expected[0], expected[1])
+
+
 @pytest.mark.parametrize("options", [{"leak": 1.0}, {"leak": [1.0, 1.0, 1.0], "keep": "random"}])
 @jax.default_matmul_precision("highest")
 def test_full_leak_gives_the_plain_gradient(options):

@@ -53,3 +53,41 @@ def test_deterministic_layers_allow_forward_mode():
 
   _, tangent = jax.jvp(model, (x,), (jnp.ones_like(x),))
   tolerances.assert_sums_close(tangent, jnp.sum(2 * x - 1), terms=2 + x.size)
+
+
+def test_fork_under_a_per_example_vmap_decides_per_example():
+  # Two tasks that disagree on every feature: batched, each feature keeps one
+  # task's cotangent over the whole batch; per example, every feature of an
+  # example keeps the same task's.
+  features = jax.random.uniform(jax.random.key(0), (16, 8)) + 0.1
+  key = jax.random.key(1)
+
+  def heads(a, b):
+    return jnp.sum(2.0 * a) - jnp.sum(3.0 * b)
+
+  def batched(x):
+    return heads(*ogd.fork(x, key, 2))
+
+  def per_example(x):
+    return jnp.sum(jax.vmap(lambda row: heads(*ogd.fork(row, key, 2)))(x))
+
+  g = jax.grad(batched)(features)
+  assert bool(((g == 2.0).all(0) | (g == -3.0).all(0)).all())  # one task per feature
+  g = jax.grad(per_example)(features)
+  assert bool(((g == 2.0).all(1) | (g == -3.0).all(1)).all())  # one task per example
+  # The advice: fork the batched features, map the heads.
+  mapped_heads = lambda x: jnp.sum(jax.vmap(heads)(*ogd.fork(x, key, 2)))  # noqa: E731
+  assert bool((jax.grad(mapped_heads)(features) == jax.grad(batched)(features)).all())
+
+
+def test_sums_of_one_sign_beyond_the_range_give_nan():
+  task_grads = jnp.array([[3e38], [-3e38], [3e38], [-2e38]])
+  assert bool(jnp.isfinite(ogd.sum_tasks(task_grads)).all())
+  assert bool(jnp.isnan(ogd.graddrop(task_grads, jax.random.key(0))).all())
+
+
+def test_statistics_count_finite_entries_only():
+  task_grads = jnp.full((3, 5), jnp.nan)
+  out, stats = ogd.graddrop(task_grads, jax.random.key(0), return_stats=True)
+  assert bool(jnp.isnan(out).all())
+  assert (float(stats.conflict_fraction), float(stats.kept_fraction)) == (0.0, 1.0)

@@ -143,6 +143,17 @@ def test_leak_as_an_array_under_nnx_jit_and_split_merge(leak):
   tolerances.assert_sums_close(grads, expected(second_key, leak), terms=3)
 
 
+@pytest.mark.parametrize(
+  "option", [{"scale": jnp.float32(0.5)}, {"scale": np.array(3.0)}, {"eps": np.array(1e-3)}]
+)
+def test_scale_and_eps_as_arrays_equal_python_floats(option):
+  features = jax.random.normal(jax.random.key(0), (4, 6))
+  grad_fn = nnx.jit(nnx.grad(_three_branch_loss, argnums=1))
+  as_float = {name: float(value) for name, value in option.items()}
+  layers = [ogd_nnx.GradDrop(3, rngs=nnx.Rngs(graddrop=3), **o) for o in (option, as_float)]
+  chex.assert_trees_all_equal(*(grad_fn(layer, features) for layer in layers))
+
+
 def test_leak_traced_at_construction_and_checked_when_concrete():
   features = jax.random.normal(jax.random.key(0), (4, 6))
   key = nnx.Rngs(graddrop=3)["graddrop"].fork()()
@@ -362,3 +373,37 @@ def test_deterministic_layers_report_that_nothing_was_dropped():
   key = nnx.Rngs(graddrop=1)["graddrop"].fork()()
   tolerances.assert_sums_close(stats, _expected_stats(plain, x, y, key), terms=1)
   tolerances.assert_sums_close(grads, plain_grads, terms=GRAD_TERMS)
+
+
+class _ScannedCell(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.cell = nnx.GRUCell(3, 8, rngs=rngs)
+    self.split = ogd_nnx.GradDrop(2, rngs=rngs)
+
+  def __call__(self, carry, x):
+    carry, h = self.cell(carry, x)
+    return carry, jnp.stack(self.split(h))
+
+
+@pytest.mark.parametrize("split_rngs", [False, True])
+def test_a_layer_in_nnx_scan_redraws_its_signs_only_with_split_rngs(split_rngs):
+  # docs/guide/usage.md, "Inside scans and per-example maps".
+  steps = 5
+  x = jax.random.normal(jax.random.key(0), (4, steps, 3))
+  weights = jax.random.normal(jax.random.key(1), (2, 8))
+
+  def loss(cell):
+    if split_rngs:
+      state_axes = nnx.StateAxes({nnx.RngState: 0, ...: None})
+      scan = nnx.scan(in_axes=(nnx.Carry, state_axes, 1), out_axes=(nnx.Carry, 2))
+      run = nnx.split_rngs(splits=steps, only="graddrop")(scan(lambda c, m, x: m(c, x)))
+    else:
+      run = nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=(nnx.Carry, 2))(lambda c, m, x: m(c, x))
+    _, hs = run(jnp.zeros((4, 8)), cell, x)  # [T, B, L, H]
+    return jnp.sum(hs[0] * weights[0]) - jnp.sum(hs[1] ** 2 * weights[1])
+
+  cell = _ScannedCell(nnx.Rngs(params=0, graddrop=1))
+  grad_fn = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))
+  first, second = grad_fn(cell), grad_fn(cell)
+  differ = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), first, second)
+  assert any(jax.tree.leaves(differ)) == split_rngs

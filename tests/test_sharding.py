@@ -76,6 +76,14 @@ for types in (AxisType.Explicit, AxisType.Auto):
     p = jax.device_put(params, jax.sharding.NamedSharding(mesh, P(None, "x")))
     updates, _ = jax.jit(tx.update)({"w": sharded}, tx.init(p), p)
     assert np.array_equal(np.asarray(updates["w"]), np.asarray(expected_update)), types
+    # multi_steps: its skip branch's zeros are typed like the updates, sharding included.
+    accumulated = ogd.multi_steps(tx, every_k_schedule=2, num_tasks=3)
+    def two_micro_steps(p, g):
+      state = accumulated.init(p)
+      _, state = accumulated.update(g, state, p)
+      return accumulated.update(g, state, p)[0]
+    updates = jax.jit(two_micro_steps)(p, {"w": sharded})
+    assert np.array_equal(np.asarray(updates["w"]), np.asarray(expected_update)), types
     w = jax.device_put({"w": w_stream}, jax.sharding.NamedSharding(mesh, P(None, "x")))
     streamed = jax.jit(ogd.graddrop_value_and_grad(task_losses, key, chunk_size=1))(w)[1]["w"]
     tolerances.assert_sums_close(streamed, stream, terms=16 + 32 + 3)  # x @ w, the batch, tasks

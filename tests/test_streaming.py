@@ -238,6 +238,27 @@ def test_scaling_the_losses_scales_the_result_exactly(k, chunk_size):
   chex.assert_trees_all_equal(scaled_stats, stats)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 8])
+@pytest.mark.parametrize("mask", [{"a": False, "b": True}, {"a": True, "b": False}])
+def test_with_a_mask_equals_graddrop_of_the_stack_exactly(chunk_size, mask):
+  # Linear losses: the per-task gradients are exact, so the results must be too.
+  coefficients = {
+    "a": jax.random.normal(jax.random.key(30), (8, 40)) * 10,
+    "b": jax.random.normal(jax.random.key(31), (8, 6, 5)),
+  }
+
+  def task_losses(params):
+    return sum(
+      jnp.sum(c * params[n], axis=tuple(range(1, c.ndim))) for n, c in coefficients.items()
+    )
+
+  params = {"a": jnp.ones(40), "b": jnp.ones((6, 5))}
+  key = jax.random.key(32)
+  expected = ogd.graddrop(coefficients, key, mask=mask)
+  step = ogd.graddrop_value_and_grad(task_losses, key, chunk_size=chunk_size, mask=mask)
+  chex.assert_trees_all_equal(step(params)[1], expected)
+
+
 @jax.default_matmul_precision("highest")
 @pytest.mark.parametrize("chunk_size", [None, 1, 2])
 def test_mask_gives_the_plain_sum_outside_it(chunk_size):

@@ -89,13 +89,24 @@ def test_weighted_sum_schedules(weighted):
   expected = np.asarray(rows, np.float64) * (
     1.0 if weights is None else np.asarray(weights)[:, None]
   )
-  dtype = _sums.compute_dtype(rows.dtype)
+  zeros = jnp.zeros(rows.shape[1:], _sums.compute_dtype(rows.dtype))
   for total in (
-    _sums._weighted_slices(rows, weights, dtype),
-    _sums._weighted_reduction(rows, weights, dtype),
+    _sums._weighted_slices(zeros, rows, weights),
+    _sums._weighted_reduction(zeros, rows, weights),
   ):
     tolerances.assert_sums_close(total, expected.sum(0), terms=45)
   assert _sums.weighted_sum(rows, weights).dtype == jnp.bfloat16
+
+
+def test_the_cpu_schedule_adds_in_task_order_whatever_the_chunks():
+  # Streaming adds the tasks outside a mask chunk by chunk: the same bits.
+  rows = jax.random.normal(jax.random.key(3), (45, 130))
+  zeros = jnp.zeros(rows.shape[1:])
+  at_once = _sums._weighted_slices(zeros, rows, None)
+  in_chunks = zeros
+  for start in range(0, 45, 7):
+    in_chunks = _sums._weighted_slices(in_chunks, rows[start : start + 7], None)
+  chex.assert_trees_all_equal(in_chunks, at_once)
 
 
 _STREAM_WORDS = _random.stream_words

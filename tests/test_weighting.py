@@ -1,5 +1,6 @@
 """Tests of loss weighting: static weights, uncertainty weighting, GradNorm."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,3 +118,72 @@ def test_weighting_rejects_bad_shapes():
   gn = ogd.gradnorm(2)
   with pytest.raises(ValueError, match="built for 2 tasks"):
     gn.update(gn.init(), jnp.ones(3), jnp.ones((3, 4)))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_weighting_rejects_weights_and_losses_that_are_not_real(jit):
+  maybe_jit = jax.jit if jit else (lambda f: f)
+  weight_tasks = maybe_jit(ogd.weight_tasks)
+  uncertainty = maybe_jit(ogd.uncertainty_weighted_losses)
+  grads = jnp.ones((2, 3))
+  # A complex weight's imaginary part was dropped, and bools taken as 0 and 1.
+  for weights in (jnp.array([1 + 1j, 2j]), jnp.array([True, False])):
+    with pytest.raises(TypeError, match=r"`weights` must hold real numbers .* got dtype"):
+      weight_tasks(grads, weights)
+  with pytest.raises(TypeError, match=r"`losses` must hold real numbers .* complex64"):
+    uncertainty(jnp.array([1 + 1j, 2.0]), jnp.zeros(2))
+  with pytest.raises(TypeError, match=r"`log_variances` must hold real numbers .* complex64"):
+    uncertainty(jnp.ones(2), jnp.array([0j, 1.0]))
+  gn = ogd.gradnorm(2)
+  with pytest.raises(TypeError, match=r"`losses` must hold real numbers .* complex64"):
+    maybe_jit(gn.update)(gn.init(), jnp.array([1 + 1j, 2.0]), grads)
+  # Real weights and losses, ints included, work as before.
+  chex.assert_trees_all_equal(
+    weight_tasks(grads, jnp.array([1, 3])), grads * jnp.array([[1.0], [3.0]])
+  )
+  chex.assert_trees_all_close(
+    uncertainty(jnp.array([1, 4]), jnp.zeros(2, jnp.int32)), jnp.array([1.0, 4.0])
+  )
+
+
+def _gradnorm_reference(weights, ratios, grad_norms, alpha, learning_rate):
+  """One GradNorm step with SGD on the weights, from the paper's formula."""
+  inverse_rates = ratios / ratios.mean()
+  weighted_norms = weights * grad_norms
+  target = weighted_norms.mean() * inverse_rates**alpha
+  new = np.maximum(weights - learning_rate * np.sign(weighted_norms - target) * grad_norms, 1e-6)
+  return new * len(new) / new.sum()
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_gradnorm_records_a_task_initial_loss_at_its_first_positive_loss(jit):
+  # Task 0's loss is 0 at the first update (e.g. a masked loss without labels in
+  # the batch): 0/0 made every weight NaN forever. Its ratio is now 1 until its
+  # loss is positive, and that loss is its L_0(0).
+  alpha, learning_rate = 1.5, 0.1
+  gn = ogd.gradnorm(2, alpha=alpha, optimizer=optax.sgd(learning_rate))
+  update = jax.jit(gn.update) if jit else gn.update
+  grads = {"w": jnp.array([[1.0, 2.0], [3.0, -1.0]])}
+  grad_norms = np.linalg.norm(np.asarray(grads["w"]), axis=1)
+  state = gn.init()
+  steps = [
+    ([0.0, 1.0], [1.0, 1.0], [0.0, 1.0]),  # losses, ratios, initial losses after the step
+    ([0.5, 1.0], [1.0, 1.0], [0.5, 1.0]),
+    ([0.4, 0.9], [0.8, 0.9], [0.5, 1.0]),  # the paper's formula from here on
+    ([0.3, 0.8], [0.6, 0.8], [0.5, 1.0]),
+  ]
+  for losses, ratios, initial in steps:
+    expected = _gradnorm_reference(
+      np.asarray(state.weights, np.float64), np.array(ratios), grad_norms, alpha, learning_rate
+    )
+    state = update(state, jnp.array(losses), grads)
+    chex.assert_tree_all_finite(state)
+    chex.assert_trees_all_close(state.weights, expected.astype(np.float32), rtol=1e-6)
+    chex.assert_trees_all_equal(state.initial_losses, jnp.array(initial))
+  # Every loss trained down to 0: equal rates, finite weights.
+  expected = _gradnorm_reference(
+    np.asarray(state.weights, np.float64), np.ones(2), grad_norms, alpha, learning_rate
+  )
+  state = update(state, jnp.zeros(2), grads)
+  chex.assert_tree_all_finite(state)
+  chex.assert_trees_all_close(state.weights, expected.astype(np.float32), rtol=1e-6)
