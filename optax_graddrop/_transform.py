@@ -104,7 +104,7 @@ def aggregator_transform(
   ) -> tuple[optax.Updates, AggregatorState]:
     del extra_args
     _validation.check_not_masked(task_updates)
-    _validation.check_not_in_apply_if_finite()
+    _validation.check_not_wrapped()
     if params is not None:
       _validation.check_stacked_like_params(task_updates, params)
     if state.rng_key is None:

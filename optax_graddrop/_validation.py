@@ -332,24 +332,36 @@ def check_not_masked(task_updates: Any) -> None:
   )
 
 
-def check_not_in_apply_if_finite() -> None:
-  """Checks that ``optax.apply_if_finite`` does not wrap the aggregator.
+# Optax wrappers that cannot wrap an aggregator, by their update's qualname,
+# and why. The shapes cannot always tell (apply_if_finite's two branches
+# differ only inside lax.cond; flatten without params), and JAX's or optax's
+# own error then does not name the cause.
+_BAD_WRAPPERS = {
+  "apply_if_finite.<locals>.update": (
+    "optax.apply_if_finite wraps the aggregator: a step it rejects would return "
+    "the stacked per-task updates, not one update per parameter. Put it after "
+    "the aggregator, e.g. optax.chain(graddrop_transform(key), "
+    "optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=5)): the "
+    "aggregate of non-finite task updates is non-finite, so the step is skipped."
+  ),
+  "flatten.<locals>.update_fn": (
+    "optax.flatten wraps the aggregator: it ravels the task axis into the "
+    "parameters' entries. Wrap the transforms after the aggregator instead, e.g. "
+    "optax.chain(aggregator, optax.flatten(optax.adam(1e-3)))."
+  ),
+}
 
-  The step it rejects returns zeros shaped like its input, the stacked
-  per-task updates, where the accepted step returns the aggregate; JAX then
-  reports mismatched ``cond`` branches, which does not name the cause.
+
+def check_not_wrapped() -> None:
+  """Checks that ``optax.apply_if_finite`` or ``optax.flatten`` does not wrap
+  the aggregator.
 
   Raises:
-    ValueError: if ``optax.apply_if_finite``'s update is on the call stack.
+    ValueError: naming the wrapper and where to put it instead.
   """
-  if _called_from_optax("apply_if_finite.<locals>.update"):
-    raise ValueError(
-      "optax.apply_if_finite wraps the aggregator: a step it rejects would return "
-      "the stacked per-task updates, not one update per parameter. Put it after "
-      "the aggregator, e.g. optax.chain(graddrop_transform(key), "
-      "optax.apply_if_finite(optax.adam(1e-3), max_consecutive_errors=5)): the "
-      "aggregate of non-finite task updates is non-finite, so the step is skipped."
-    )
+  for qualname, message in _BAD_WRAPPERS.items():
+    if _called_from_optax(qualname):
+      raise ValueError(message)
 
 
 def _called_from_optax(qualname: str) -> bool:

@@ -20,6 +20,7 @@ import flax.linen as nn
 
 from optax_graddrop import _core
 from optax_graddrop import _fork
+from optax_graddrop import _validation
 
 
 class GradDrop(nn.Module):
@@ -93,6 +94,7 @@ class GradDrop(nn.Module):
     """
     if deterministic is None:
       deterministic = self.deterministic
+    _validation.check_flags(deterministic=deterministic, track_stats=self.track_stats)
     probe = None
     # As nn.Module.perturb: created by init, used when apply is given it.
     if self.track_stats and (

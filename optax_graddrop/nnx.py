@@ -112,6 +112,7 @@ class GradDrop(nnx.Module):
   ):
     _validation.check_num_tasks(num_tasks)
     _validation.check_leak(leak, num_tasks)
+    _validation.check_flags(deterministic=deterministic, track_stats=track_stats)
     _core.keep_fn(keep, scale)
     self.num_tasks = num_tasks
     self.leak = _hyperparameter(leak)
@@ -154,6 +155,7 @@ class GradDrop(nnx.Module):
     """
     if deterministic is None:
       deterministic = self.deterministic
+    _validation.check_flags(deterministic=deterministic)
     probe = None if self.stats is None else _get(self.stats)
     if deterministic:
       if probe is not None:

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 import tolerances
+from flax import nnx
 
 import optax_graddrop as ogd
 
@@ -255,7 +256,7 @@ SHAPES = {"w": jnp.zeros(3), "b": jnp.zeros(2)}
       lambda tx: optax.MultiSteps(optax.chain(tx, optax.sgd(1.0)), 2),
       r"optax.MultiSteps wraps the aggregator.*optax_graddrop.multi_steps\(inner",
     ),
-    (lambda tx: optax.flatten(tx), r"has shape \(10,\).*optax.flatten raveled the task axis"),
+    (lambda tx: optax.flatten(tx), r"optax.flatten wraps the aggregator.*optax.chain\(aggregator"),
     (
       lambda tx: optax.apply_if_finite(optax.chain(tx, optax.sgd(1.0)), 3),
       r"optax.apply_if_finite wraps the aggregator.*Put it after",
@@ -269,6 +270,28 @@ def test_optax_wrappers_around_an_aggregator_are_named(wrap, match, jit):
   update = jax.jit(tx.update) if jit else tx.update
   with pytest.raises(ValueError, match=match):
     update(STACKED, tx.init(SHAPES), SHAPES)
+
+
+def test_optax_flatten_around_an_aggregator_is_named_without_params_too():
+  tx = optax.flatten(ogd.graddrop_transform(0))
+  with pytest.raises(ValueError, match=r"optax\.flatten wraps the aggregator"):
+    tx.update(STACKED, tx.init(SHAPES))
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: ogd.nnx.GradDrop(2, deterministic="no", rngs=nnx.Rngs(graddrop=0)),
+    lambda: ogd.nnx.GradDrop(2, track_stats="no", rngs=nnx.Rngs(graddrop=0)),
+    lambda: ogd.nnx.GradDrop(2, rngs=nnx.Rngs(graddrop=0))(jnp.ones((4, 3)), deterministic="no"),
+    lambda: ogd.linen.GradDrop(2, deterministic="no").init(KEY, jnp.ones((4, 3))),
+    lambda: ogd.linen.GradDrop(2, track_stats="no").init(KEY, jnp.ones((4, 3))),
+  ],
+)
+def test_layers_reject_flags_that_are_not_bools(make):
+  # "no" is truthy: it would silently turn GradDrop off (deterministic).
+  with pytest.raises(TypeError, match="must be a bool; got 'no'"):
+    make()
 
 
 def test_partition_with_an_aggregator_in_every_part_is_not_an_error():

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import tolerances
 from flax import nnx
@@ -80,10 +81,14 @@ def test_fork_under_a_per_example_vmap_decides_per_example():
   assert bool((jax.grad(mapped_heads)(features) == jax.grad(batched)(features)).all())
 
 
-def test_sums_of_one_sign_beyond_the_range_give_nan():
-  task_grads = jnp.array([[3e38], [-3e38], [3e38], [-2e38]])
-  assert bool(jnp.isfinite(ogd.sum_tasks(task_grads)).all())
-  assert bool(jnp.isnan(ogd.graddrop(task_grads, jax.random.key(0))).all())
+def test_sums_of_one_sign_beyond_the_range_give_inf_or_nan():
+  both = jnp.array([[3e38], [-3e38], [3e38], [-3e38]])  # both sums overflow
+  positive = jnp.array([[3e38], [-3e38], [3e38]])  # the positive sum overflows
+  for task_grads, expected in ((both, jnp.nan), (positive, jnp.inf)):
+    assert bool(jnp.isfinite(ogd.sum_tasks(task_grads)).all())
+    out, stats = ogd.graddrop(task_grads, jax.random.key(0), return_stats=True)
+    np.testing.assert_array_equal(out, jnp.array([expected]))
+    assert float(stats.conflict_fraction) == 0.0  # not counted as a conflict
 
 
 def test_statistics_count_finite_entries_only():
