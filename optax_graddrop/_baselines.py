@@ -118,19 +118,10 @@ def _gram(task_grads: Any) -> jax.Array:
   )
 
 
-def _leaf_weights(weights: Any, leaf: Any) -> jax.Array | None:
-  """``weights`` rounded to ``leaf``'s compute dtype (float32, or float64 for a
-  float64 leaf): a float32 leaf is never summed in float64, whatever the
-  weights' dtype (e.g. from the Gram matrix of a pytree mixing both)."""
-  if weights is None:
-    return None
-  return jnp.asarray(weights, _sums.compute_dtype(jnp.result_type(leaf)))
-
-
 def _weighted_sum(task_grads: Any, weights: Any = None) -> Any:
-  """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype,
-  with ``w`` in the leaf's compute dtype (:func:`_leaf_weights`)."""
-  return jax.tree.map(lambda g: _sums.weighted_sum(g, _leaf_weights(weights, g)), task_grads)
+  """``sum_i w_i g_i`` per leaf (``w = 1`` by default), in the leaf's dtype
+  (the sums cast ``w`` to the leaf's compute dtype)."""
+  return jax.tree.map(lambda g: _sums.weighted_sum(g, weights), task_grads)
 
 
 def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
@@ -142,10 +133,7 @@ def _combine_masked(task_grads: Any, mask: Any, weights_of: Any) -> Any:
   weights = weights_of(_gram(chosen)) if chosen else None
   return jax.tree_util.tree_unflatten(
     treedef,
-    [
-      _sums.weighted_sum(leaf, _leaf_weights(weights, leaf) if keep else None)
-      for leaf, keep in zip(leaves, selected)
-    ],
+    [_sums.weighted_sum(leaf, weights if keep else None) for leaf, keep in zip(leaves, selected)],
   )
 
 

@@ -361,7 +361,8 @@ def weighted_sum(rows: jax.Array, weights: jax.Array | None = None) -> jax.Array
 
   Args:
     rows: ``[T, ...]`` task gradients.
-    weights: ``(T,)`` weights, or ``None``.
+    weights: ``(T,)`` weights in any float dtype (cast to the compute
+      dtype, so a float32 leaf is never summed in float64), or ``None``.
 
   Returns:
     The weighted sum, shaped ``rows.shape[1:]``.

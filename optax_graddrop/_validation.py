@@ -63,6 +63,24 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   )
 
 
+def check_real(dtype: Any, name: str) -> None:
+  """Checks that ``dtype`` holds real numbers (a float or an integer type).
+
+  Raises:
+    TypeError: for bool, complex or other non-real dtypes (whose imaginary
+      parts a cast would drop without a word).
+  """
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise TypeError(f"`{name}` must hold real numbers (a float or int array); got dtype {dtype}.")
+
+
+def real_array(value: Any, name: str) -> jax.Array:
+  """``value`` as an array, checked with :func:`check_real`."""
+  array = jnp.asarray(value)
+  check_real(array.dtype, name)
+  return array
+
+
 def check_flags(**flags: Any) -> None:
   """Checks that on/off options are bools (a string such as ``"no"`` is truthy).
 
@@ -223,8 +241,7 @@ def check_leak(leak: Any, num_tasks: int) -> jax.Array | None:
   if isinstance(leak, (list, tuple)):
     leak = np.asarray(leak)
   dtype = jnp.result_type(leak)
-  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
-    raise TypeError(f"`leak` must hold real numbers; got dtype {dtype}.")
+  check_real(dtype, "leak")
   shape = jnp.shape(leak)
   if shape not in ((), (num_tasks,)):
     raise ValueError(

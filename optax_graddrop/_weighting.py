@@ -19,21 +19,6 @@ import optax
 from optax_graddrop import _validation
 
 
-def _real_array(value: Any, name: str) -> jax.Array:
-  """``value`` as an array, checked to hold real numbers (floats or ints).
-
-  Raises:
-    TypeError: for bool, complex or other non-real dtypes (whose imaginary
-      parts a cast would drop without a word).
-  """
-  array = jnp.asarray(value)
-  if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
-    raise TypeError(
-      f"`{name}` must hold real numbers (a float or int array); got dtype {array.dtype}."
-    )
-  return array
-
-
 def weight_tasks(task_grads: Any, weights: jax.Array) -> Any:
   """Scales task ``i``'s slice of every leaf by ``weights[i]``.
 
@@ -63,7 +48,7 @@ def weight_tasks(task_grads: Any, weights: jax.Array) -> Any:
     raise ValueError(
       f"`weights` must have shape ({num_tasks},), one per task; got {jnp.shape(weights)}."
     )
-  weights = _real_array(weights, "weights")
+  weights = _validation.real_array(weights, "weights")
 
   def scale(g: jax.Array) -> jax.Array:
     w = weights.reshape((num_tasks,) + (1,) * (g.ndim - 1))
@@ -104,8 +89,8 @@ def uncertainty_weighted_losses(losses: jax.Array, log_variances: jax.Array) -> 
     Kendall, Gal & Cipolla, `Multi-Task Learning Using Uncertainty to Weigh
     Losses <https://arxiv.org/abs/1705.07115>`_, CVPR 2018.
   """
-  losses = _real_array(losses, "losses")
-  log_variances = _real_array(log_variances, "log_variances")
+  losses = _validation.real_array(losses, "losses")
+  log_variances = _validation.real_array(log_variances, "log_variances")
   if losses.ndim != 1 or log_variances.shape != losses.shape:
     raise ValueError(
       "`losses` and `log_variances` must both have shape (T,); got "
@@ -205,7 +190,7 @@ def gradnorm(
 
   def update(state: GradNormState, losses: jax.Array, layer_task_grads: Any) -> GradNormState:
     found = _validation.check_task_grads(layer_task_grads, name="layer_task_grads")
-    losses = _real_array(losses, "losses").astype(jnp.float32)
+    losses = _validation.real_array(losses, "losses").astype(jnp.float32)
     if found != num_tasks or losses.shape != (num_tasks,):
       raise ValueError(
         f"GradNorm was built for {num_tasks} tasks; got losses of shape {losses.shape} "
