@@ -390,7 +390,8 @@ _NORMAL_RANGE = {  # (smallest normal, largest finite) of each dtype
 
 def _scales(draw, values, outputs, dtype, leak=0.0):
   """A power of two keeping every input, product with the leak and output
-  normal in ``dtype`` (XLA:CPU flushes subnormal results to zero)."""
+  normal in ``dtype``, and the float32 arithmetic on them clear of
+  subnormals (XLA:CPU flushes subnormal results to zero)."""
   tiny, huge = _NORMAL_RANGE[dtype]
   nonzero = np.abs(np.concatenate([v.ravel() for v in values + outputs]))
   nonzero = nonzero[nonzero > 0]
@@ -400,7 +401,11 @@ def _scales(draw, values, outputs, dtype, leak=0.0):
   factors = np.concatenate([leaks, 1.0 - leaks, [1.0]])  # l_i g_i and (1 - l_i) g_i
   smallest = nonzero.min() * factors[factors > 0].min()
   largest = max(float(np.abs(v).sum(0).max()) for v in values)  # bounds every sum
-  low, high = math.log2(tiny / smallest), math.log2(huge / largest) - 1
+  # The sums are formed in float32: a rounding residue of a value is down to
+  # 2**-24 of it, and must not fall below float32's smallest normal.
+  float32_tiny = _NORMAL_RANGE[jnp.float32][0] * 2.0**24
+  low = max(math.log2(tiny / smallest), math.log2(float32_tiny / smallest))
+  high = math.log2(huge / largest) - 1
   return draw(st.integers(math.ceil(low), math.floor(high)))
 
 
