@@ -159,7 +159,11 @@ def segment_rows(segment: Segment, leaves: Sequence[jax.Array], dtype: Any) -> j
   for index, (_, count) in zip(segment.leaves, segment.calls):
     leaf = leaves[index]
     flat = leaf.reshape(leaf.shape[0], -1).astype(dtype)
-    parts.append(jnp.pad(flat, ((0, 0), (0, _random.HALVES * count - flat.shape[1]))))
+    parts.append(flat)
+    # Zeros as operands of the concatenation rather than jnp.pad: XLA merges
+    # equal blocks of zeros, where each pad would be a pass of its own.
+    if padding := _random.HALVES * count - flat.shape[1]:
+      parts.append(jnp.zeros((flat.shape[0], padding), dtype))
   return jnp.concatenate(parts, axis=1)
 
 

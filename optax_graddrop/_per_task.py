@@ -61,6 +61,7 @@ def task_vjp(
   Raises:
     ValueError: if ``argnums`` names a missing argument or ``fun`` does not
       return a non-empty 1-D float vector.
+    TypeError: if a differentiated leaf is not a real float array.
   """
   argnum_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
   for i in argnum_tuple:
@@ -69,6 +70,10 @@ def task_vjp(
         f"`argnums` names positional argument {i}, but the function was "
         f"called with {len(args)} positional arguments."
       )
+  # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
+  # state would be silently frozen (and a function leaf fails inside JAX).
+  primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnum_tuple)
+  _validation.check_differentiable(primal, name=f"args[{argnums}]")
 
   def fun_of_diff_args(*diff_args: Any) -> Any:
     full_args = list(args)
@@ -230,9 +235,6 @@ def per_task_value_and_grad(
   def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
     losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)
     primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
-    # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
-    # state would be silently frozen.
-    _validation.check_differentiable(primal, name=f"args[{argnums}]")
     num_tasks = losses.shape[0]
     shapes = jax.eval_shape(grad_of, jnp.zeros(num_tasks, losses.dtype))
     stack = jax.tree.map(lambda s, p: _zero_rows(num_tasks, s, p), shapes, primal)

@@ -58,8 +58,11 @@ _ALIGN_CALLS = 64
 
 # (first call, number of calls) of each piece of a segment, in order.
 CallRanges = Sequence[tuple[int, int]]
-# (first call, number of calls) -> the two words of each call.
-WordsFn = Callable[[int, int], tuple[jax.Array, jax.Array]]
+# The pieces of a segment -> the two words of each of their calls, in order.
+WordsFn = Callable[[CallRanges], tuple[jax.Array, jax.Array]]
+# Segments of more pieces than one read their words through a constant table
+# of call indices while it stays this small; larger ones slice each piece.
+_MAX_TABLE_CALLS = 2**16
 
 
 def num_calls(size: int) -> int:
@@ -119,21 +122,30 @@ def stream_words(key: jax.Array, low: int, high: int, *, materialize: bool) -> W
       stay an expression that XLA fuses into each consumer (GPU, TPU).
 
   Returns:
-    ``(start, count) -> (first, second)``, the words of calls
-    ``start..start+count-1``.
+    ``pieces -> (first, second)``, the words of the calls of ``pieces``
+    (``(first call, number of calls)`` each), concatenated in order.
   """
+  key_words = jax.random.key_data(key)
   # XLA:CPU runs an elementwise loop whose length is not a multiple of the
   # vector width several times slower (measured 10x for 2,500,001 calls
   # against 2,500,000 or 2,500,008): hash a few unused calls instead.
   count = -(-(high - low) // _ALIGN_CALLS) * _ALIGN_CALLS
-  calls = jnp.uint32(low) + jax.lax.iota(jnp.uint32, count)
-  first, second = _words(jax.random.key_data(key), calls)
+  first, second = _words(key_words, jnp.uint32(low) + jax.lax.iota(jnp.uint32, count))
   if materialize:
     first, second = _fusion.materialize([first, second])
-  return lambda start, count: (
-    first[start - low : start - low + count],
-    second[start - low : start - low + count],
-  )
+
+  def words(pieces: CallRanges) -> tuple[jax.Array, jax.Array]:
+    if len(pieces) == 1:
+      ((start, num),) = pieces
+      return first[start - low : start - low + num], second[start - low : start - low + num]
+    table = np.concatenate([np.arange(start, start + num) for start, num in pieces])
+    if materialize:
+      # One gather: XLA:CPU does not fuse a concatenation, so slices of the
+      # words would each be a pass (and a compilation) of their own.
+      return first[table - low], second[table - low]
+    return _words(key_words, jnp.asarray(table, jnp.uint32))
+
+  return words
 
 
 def _halves(first: jax.Array, second: jax.Array, size: int) -> jax.Array:
@@ -155,17 +167,19 @@ def segment_bits(words: WordsFn, calls: CallRanges, size: int) -> jax.Array:
   Returns:
     A ``uint32`` array of shape ``(size,)`` with values in ``[0, 2**16)``.
   """
-  # Leaves that follow each other in the stream are read as one range: one
-  # slice instead of one per leaf (each costs XLA a compilation).
+  # Leaves that follow each other in the stream are read as one range.
   merged: list[tuple[int, int]] = []
   for start, count in calls:
     if merged and merged[-1][0] + merged[-1][1] == start:
       merged[-1] = (merged[-1][0], merged[-1][1] + count)
     else:
       merged.append((start, count))
-  pieces = [words(start, count) for start, count in merged]
-  first = jnp.concatenate([f for f, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
-  second = jnp.concatenate([s for _, s in pieces]) if len(pieces) > 1 else pieces[0][1]
+  if len(merged) == 1 or sum(count for _, count in merged) <= _MAX_TABLE_CALLS:
+    first, second = words(merged)
+  else:
+    pieces = [words([piece]) for piece in merged]
+    first = jnp.concatenate([f for f, _ in pieces])
+    second = jnp.concatenate([s for _, s in pieces])
   return _halves(first, second, size)
 
 

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from optax_graddrop import _core
-from optax_graddrop import _graddrop
 from optax_graddrop import _layout
 from optax_graddrop import _per_task
+from optax_graddrop import _row_major
 from optax_graddrop import _sums
 from optax_graddrop import _validation
 
@@ -118,7 +118,6 @@ def graddrop_value_and_grad(
     num_tasks = losses.shape[0]
     leak_per_task = _validation.check_leak(leak, num_tasks)
     primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
-    _validation.check_differentiable(primal, name=f"args[{argnums}]")
     selected = _validation.mask_leaves(mask, primal)
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
@@ -133,7 +132,7 @@ def graddrop_value_and_grad(
 
     def add_chunk(acc: Any, grads: Any, start: Any, size: int, in_loop: bool) -> Any:
       sums, plain = acc
-      rows = [_graddrop.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
+      rows = [_row_major.row_major(g) for g in jax.tree_util.tree_leaves(grads)]
       chunk_leak = (
         None if leak_per_task is None else jax.lax.dynamic_slice_in_dim(leak_per_task, start, size)
       )

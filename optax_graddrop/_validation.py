@@ -197,13 +197,19 @@ def check_differentiable(primal: Any, *, name: str = "args[0]") -> None:
     TypeError: naming the first leaf that is not a real float array.
   """
   for path, leaf in jax.tree_util.tree_leaves_with_path(primal):
-    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
-    if jnp.issubdtype(dtype, jnp.floating):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None and isinstance(leaf, (bool, int, float, complex)):
+      dtype = jnp.result_type(leaf)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
       continue
+    what = f"is {leaf!r}, not an array" if dtype is None else f"has dtype {dtype}"
     raise TypeError(
-      f"`{name}{jax.tree_util.keystr(path)}` has dtype {dtype}; every leaf of a "
+      f"`{name}{jax.tree_util.keystr(path)}` {what}; every leaf of a "
       "differentiated argument must be a real float array (as for "
-      "jax.value_and_grad). For a Flax NNX model with rng state or counters, "
+      "jax.value_and_grad). For an Equinox module, differentiate "
+      "`params, static = eqx.partition(model, eqx.is_inexact_array)` and rebuild "
+      "the model with `eqx.combine(params, static)` in the loss function. "
+      "For a Flax NNX model with rng state or counters, "
       "differentiate its parameters only and pass the rest as another argument: "
       "`graphdef, params, rest = nnx.split(model, nnx.Param, ...)`, with the loss "
       "function merging a copy, `nnx.merge(graphdef, params, rest, copy=True)`, and "
@@ -408,6 +414,24 @@ def _names(path: Any) -> tuple[Any, ...]:
   return tuple(_entry_name(entry) for entry in path)
 
 
+def _is_bool(value: Any) -> bool:
+  return isinstance(value, (bool, np.bool_)) or (
+    not isinstance(value, jax.core.Tracer) and jnp.result_type(value) == jnp.bool_
+  )
+
+
+def _is_mask_fn(mask: Any) -> bool:
+  """Whether ``mask`` is a function to call rather than a tree of bools.
+
+  An Equinox module is a pytree and also callable: a module of bools (what
+  ``jax.tree.map`` over a model gives) is a tree of bools, not a function.
+  """
+  if not callable(mask):
+    return False
+  leaves = jax.tree_util.tree_leaves(mask)
+  return (len(leaves) == 1 and leaves[0] is mask) or not all(map(_is_bool, leaves))
+
+
 def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
   """Resolves an ``optax.masked``-style mask to one bool per leaf of ``like``.
 
@@ -421,6 +445,8 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     mask: ``None`` (every leaf), a pytree of bools with the structure of
       ``like`` or a prefix of it, or a callable returning one from ``like``
       (e.g. from the key paths, with ``jax.tree_util.tree_map_with_path``).
+      A callable pytree whose leaves are all bools (an Equinox module of
+      bools) is a tree of bools.
     like: a pytree shaped like the parameters.
     name: the argument's name, for error messages.
 
@@ -434,14 +460,14 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
   paths = [_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
   if mask is None:
     return [True] * len(paths)
-  if callable(mask):
+  if _is_mask_fn(mask):
     mask = mask(like)
   entries = {}
   for path, value in jax.tree_util.tree_leaves_with_path(mask):
     where = f"`{name}{jax.tree_util.keystr(path)}`"
     if isinstance(value, jax.core.Tracer) or jnp.shape(value) != ():
       raise TypeError(f"Every leaf of `{name}` must be a concrete bool; {where} is {value!r}.")
-    if not isinstance(value, (bool, np.bool_)) and jnp.result_type(value) != jnp.bool_:
+    if not _is_bool(value):
       raise TypeError(f"Every leaf of `{name}` must be a bool; {where} is {value!r}.")
     entries[_names(path)] = bool(value)
   selected = []

@@ -167,3 +167,20 @@ def test_under_vmap_and_grad():
   second = jax.jit(jax.grad(functools.partial(squared_norm, lambda p, x: fn(p, x)[1])))(params)
   reference = jax.jit(jax.grad(functools.partial(squared_norm, jax.jacrev(_task_losses))))(params)
   tolerances.assert_sums_close(second, reference, terms=2 * TERMS)
+
+
+@pytest.mark.parametrize("leaf", [3, jnp.tanh], ids=["int", "function"])
+@pytest.mark.parametrize("make", [ogd.per_task_value_and_grad, ogd.graddrop_value_and_grad])
+def test_non_float_leaves_are_named_with_what_to_pass(make, leaf):
+  # An Equinox module holds ints and functions (its activation) as leaves.
+  model = {"w": jnp.ones(3), "extra": leaf}
+
+  def losses(m):
+    return jnp.stack([jnp.sum(m["w"]), jnp.sum(m["w"] ** 2)])
+
+  fun = make(losses, jax.random.key(0)) if make is ogd.graddrop_value_and_grad else make(losses)
+  with pytest.raises(
+    TypeError,
+    match=r"`args\[0\]\['extra'\]` (has dtype int32|is <.*tanh.*>, not an array); .*eqx\.partition",
+  ):
+    fun(model)

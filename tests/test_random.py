@@ -85,19 +85,41 @@ def test_words_in_memory_and_inline_give_the_same_bits(jit):
 
 
 def test_adjacent_pieces_are_read_as_one_range():
-  # Small leaves that follow each other in the stream share one slice of the
-  # words (one XLA operation instead of one per leaf), with the same bits.
+  # Small leaves that follow each other in the stream share one range of the
+  # words, with the same bits.
   key = jax.random.key(3)
   requested = []
 
-  def words(start, count):
-    requested.append((start, count))
-    return _random.stream_words(key, 0, 16, materialize=False)(start, count)
+  def words(pieces):
+    requested.append(list(pieces))
+    return _random.stream_words(key, 0, 16, materialize=False)(pieces)
 
   joined = _random.segment_bits(words, [(0, 3), (3, 2), (9, 4), (13, 1)], 40)
-  assert requested == [(0, 5), (9, 5)]
+  assert requested == [[(0, 5), (9, 5)]]
   pieces = [_random.uniform_bits(key, (4 * count,), start) for start, count in [(0, 5), (9, 5)]]
   np.testing.assert_array_equal(joined, jnp.concatenate(pieces))
+
+
+@pytest.mark.parametrize("materialize", [False, True])
+@pytest.mark.parametrize("table_calls", [0, 2**16])
+def test_pieces_read_by_table_or_by_slices_give_the_same_bits(
+  monkeypatch, materialize, table_calls
+):
+  # A segment of scattered pieces reads its words through one table of call
+  # indices (one XLA operation), or piece by piece beyond _MAX_TABLE_CALLS.
+  monkeypatch.setattr(_random, "_MAX_TABLE_CALLS", table_calls)
+  key = jax.random.key(4)
+  calls = [(2, 3), (7, 1), (11, 6), (40, 2)]
+
+  @jax.jit
+  def bits(key):
+    words = _random.stream_words(key, 2, 42, materialize=materialize)
+    return _random.segment_bits(words, calls, 4 * 12 - 3)
+
+  expected = jnp.concatenate(
+    [_random.uniform_bits(key, (4 * count,), start) for start, count in calls]
+  )[: 4 * 12 - 3]
+  np.testing.assert_array_equal(bits(key), expected)
 
 
 def test_graddrop_accepts_other_key_implementations():

@@ -1,6 +1,9 @@
 """Tests of graddrop_transform, the Optax form."""
 
+import dataclasses
+import functools
 import operator
+from typing import Any
 
 import chex
 import flax.serialization
@@ -440,6 +443,45 @@ def test_masks_match_an_nnx_state(mask):
   _, step_key = jax.random.split(key)
   expected = ogd.graddrop(pure, step_key, mask={"trunk": True, "heads": False})
   chex.assert_trees_all_equal(nnx.to_pure_dict(updates), expected)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["trunk", "head"], meta_fields=[])
+@dataclasses.dataclass
+class _CallableModel:
+  """Like an Equinox module: a pytree that is also callable."""
+
+  trunk: Any
+  head: Any
+
+  def __call__(self, x):
+    return self.head @ jnp.tanh(self.trunk @ x)
+
+
+@pytest.mark.parametrize("mask", ["prefix", "module", "paths"])
+def test_masks_of_a_callable_pytree_model(mask):
+  # A module of bools is a tree of bools, not a function to call, though it
+  # is callable; every mask form resolves to one through the transforms.
+  params, task_grads = _stacked_problem()
+  params, task_grads = _CallableModel(**params), _CallableModel(**task_grads)
+  masks = {
+    "prefix": {"trunk": True, "head": False},
+    "module": _CallableModel(trunk=True, head=False),
+    "paths": lambda p: jax.tree_util.tree_map_with_path(lambda path, _: path[0].name == "trunk", p),
+  }
+  key = jax.random.key(6)
+  _, step_key = jax.random.split(key)
+  # The same leaves in the same order (the order of the stream of uniforms).
+  as_list = [task_grads.trunk, task_grads.head]
+  expected = ogd.graddrop(as_list, key, mask=[True, False])
+  out = ogd.graddrop(task_grads, key, mask=masks[mask])
+  chex.assert_trees_all_equal([out.trunk, out.head], expected)
+  for transform, function in (
+    (ogd.graddrop_transform(key, mask=masks[mask]), ogd.graddrop),
+    (ogd.pcgrad_transform(key, mask=masks[mask]), ogd.pcgrad),
+  ):
+    updates, _ = jax.jit(transform.update)(task_grads, transform.init(params), params)
+    expected = function(as_list, step_key, mask=[True, False])
+    chex.assert_trees_all_equal([updates.trunk, updates.head], expected)
 
 
 def test_flax_nnx_optimizer_with_graddrop_in_the_chain():

@@ -10,7 +10,9 @@ below is one transformation, run on every row:
   equal the Jacobian from central finite differences in float64;
 * ``jax.vmap`` over data and over keys, ``lax.scan``: equal a Python loop;
 * sharding over 8 CPU devices: equals one device (one subprocess for all
-  rows, which also checks the masks of every kind of key).
+  rows, which also checks the masks of every kind of key);
+* ``jax.export`` for CPU, GPU and TPU, serialized and run here: equals
+  ``jax.jit``.
 
 The rows of ``fork`` and the layers are the gradient of a loss through them
 (their derivative is GradDrop's by design), so their ``jax.grad`` and
@@ -311,6 +313,29 @@ def test_scan_equals_a_loop(entry):
     return jax.lax.scan(lambda carry, xk: (carry, entry.fn(*xk)), None, (xs, keys))[1]
 
   _assert_close(jax.jit(scan)(jnp.stack(xs), keys), _loop(entry, xs, list(keys)), entry)
+
+
+@functools.cache
+def _register_export_serialization() -> None:
+  """The namedtuples that ``jax.export`` serializes by name, as
+  docs/guide/backends.md registers them (and optax's own states)."""
+  for cls in (ogd.AggregatorState, ogd.GradDropStats):
+    name = f"optax_graddrop.{cls.__name__}"
+    jax.export.register_namedtuple_serialization(cls, serialized_name=name)
+  for cls in (optax.EmptyState, optax.MultiStepsState):
+    jax.export.register_namedtuple_serialization(cls, serialized_name=f"optax.{cls.__name__}")
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=IDS)
+def test_export_for_every_platform_equals_jit(entry):
+  # One program for CPU, GPU and TPU (the schedules are chosen inside it);
+  # serialized, read back and run here, it equals the jitted function.
+  _register_export_serialization()
+  x, key = _inputs(entry), jax.random.key(0)
+  exported = jax.export.export(_jitted(entry), platforms=("cpu", "cuda", "tpu"))(x, key)
+  assert "LayoutConstraint" not in exported.mlir_module()
+  restored = jax.export.deserialize(exported.serialize())
+  jax.tree.map(np.testing.assert_array_equal, restored.call(x, key), _jitted(entry)(x, key))
 
 
 _IMPLS = ["threefry2x32", "rbg", "unsafe_rbg"]
