@@ -323,11 +323,14 @@ def stats_from_codes(
 def _ratio(count: jax.Array, total: int) -> jax.Array:
   """``count / total``, correctly rounded (exact when it is representable).
 
-  XLA turns a division by a constant into a product with its rounded
-  reciprocal, which reported 3,000,004 conflicts out of 3,000,004 as
-  0.99999994; the barrier keeps the denominator a value.
+  XLA turns a division by a constant, or by a scalar broadcast over a
+  batch (under ``vmap``), into a product with its rounded reciprocal, which
+  reported 3,000,004 conflicts out of 3,000,004 as 0.99999994. So the
+  denominator is computed elementwise from the count, which the barrier
+  hides (XLA keeps ``x * 0`` of floats, which is NaN for an infinite ``x``).
   """
-  return count / jax.lax.optimization_barrier(jnp.float32(total))
+  count = jax.lax.optimization_barrier(count)
+  return count / (count * 0.0 + jnp.float32(total))
 
 
 def finish_tree(

@@ -129,6 +129,25 @@ def check_eps(eps: Any) -> None:
     raise ValueError(f"`eps` must be >= 0; got {eps}.")
 
 
+def check_concrete_shape(shape: tuple[Any, ...], where: str) -> None:
+  """Raises for a symbolic dimension (``jax.export``'s shape polymorphism).
+
+  Args:
+    shape: a leaf's shape.
+    where: the leaf, for the error message.
+
+  Raises:
+    ValueError: naming the leaf and the limit.
+  """
+  if not all(isinstance(size, (int, np.integer)) for size in shape):
+    raise ValueError(
+      f"{where} has the symbolic shape {shape}; GradDrop needs concrete shapes "
+      "(each leaf's place in the stream of uniforms and the schedule of the sums "
+      "over tasks are planned from the sizes). Export with concrete shapes "
+      "(a symbolic batch dimension in `fork` is fine)."
+    )
+
+
 def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
   """Checks that every leaf is a real float array with the same task axis.
 
@@ -157,6 +176,7 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
         "gradients (float16, bfloat16, float32 or float64)."
       )
     shape = jnp.shape(leaf)
+    check_concrete_shape(shape, where)
     if not shape:
       raise ValueError(
         f"{where} is a scalar (shape ()); every leaf needs a leading task "

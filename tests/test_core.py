@@ -514,6 +514,16 @@ def test_stats_are_exact_fractions_of_exact_counts(size, jit):
   assert float(stats.kept_fraction) == 0.5
 
 
+def test_stats_under_vmap_are_the_correctly_rounded_fractions():
+  # 9 conflicts out of 10: float32(9 / 10), not 9 times a rounded 1 / 10 (XLA
+  # rewrites a division by a scalar broadcast over the batch).
+  sign = jnp.array([1.0] * 9 + [0.0])
+  task_grads = jnp.stack([sign, -sign, jnp.ones(10)])
+  keys = jax.random.split(jax.random.key(0), 2)
+  stats = jax.jit(jax.vmap(lambda k: ogd.graddrop(task_grads, k, return_stats=True)[1]))(keys)
+  np.testing.assert_array_equal(stats.conflict_fraction, np.full(2, np.float32(0.9)))
+
+
 class _UnhashableKeep:
   """A keep function with state, unhashable as a dataclass with ``eq`` is."""
 

@@ -65,6 +65,19 @@ def test_errors_are_raised_at_trace_time_under_jit():
     jax.jit(lambda g, k: ogd.graddrop(g, k, leak=[0.5, 2.0]))(GOOD, KEY)
 
 
+@pytest.mark.parametrize("spec", ["3, n", "t, 5"])
+def test_symbolic_shapes_are_named_when_exporting(spec):
+  # jax.export's shape polymorphism: the layout of the uniforms needs sizes.
+  symbolic = jax.ShapeDtypeStruct(jax.export.symbolic_shape(spec), jnp.float32)
+  with pytest.raises(ValueError, match=r"`task_grads` has the symbolic shape .*concrete shapes"):
+    jax.export.export(jax.jit(ogd.graddrop))(symbolic, jax.random.key(0))
+  losses = lambda w: jnp.stack([w.sum(), (w**2).sum()])  # noqa: E731
+  streamed = ogd.graddrop_value_and_grad(losses, jax.random.key(0))
+  params = jax.ShapeDtypeStruct(jax.export.symbolic_shape("n"), jnp.float32)
+  with pytest.raises(ValueError, match=r"`args\[0\]` has the symbolic shape \(n,\)"):
+    jax.export.export(jax.jit(streamed))(params)
+
+
 def test_traced_leak_is_accepted_with_the_right_shape():
   out = jax.jit(lambda g, k, leak: ogd.graddrop(g, k, leak=leak))(GOOD, KEY, jnp.array([0.0, 1.0]))
   assert out["w"].shape == (3,)

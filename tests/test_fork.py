@@ -528,3 +528,38 @@ def test_stats_with_the_batch_sharded_over_8_devices_match_one_device():
   result = _on_8_cpu_devices(["-c", _SHARDED_STATS])
   assert result.returncode == 0, result.stdout + result.stderr
   assert "Explicit ok" in result.stdout and "Auto ok" in result.stdout
+
+
+@pytest.mark.parametrize("batch_axes", [(0,), ()])
+def test_exports_with_a_symbolic_batch_dimension(batch_axes):
+  # One exported step for every batch size, equal to the jitted step.
+  features_in = jax.random.normal(jax.random.key(2), (6, 3))
+  w = jax.random.normal(jax.random.key(3), (3, 4))
+  key = jax.random.key(0)
+
+  def loss(w, x, key):
+    a, b = ogd.fork(jnp.tanh(x @ w), key, 2, batch_axes=batch_axes)
+    return jnp.sum(a**2) - jnp.sum(b * jnp.arange(4.0))
+
+  step = jax.jit(jax.grad(loss))
+  (batch,) = jax.export.symbolic_shape("b")
+  symbolic = jax.ShapeDtypeStruct((batch, 3), jnp.float32)
+  exported = jax.export.export(step)(w, symbolic, key)
+  for size in (6, 2):
+    x = features_in[:size]
+    np.testing.assert_array_equal(exported.call(w, x, key), step(w, x, key))
+
+
+def test_a_zero_summed_signal_passes_with_derivative_one():
+  # docs/guide/semantics.md: at the activation level a task whose summed
+  # signal is exactly zero passes its cotangent (derivative 1), where
+  # graddrop's tie convention gives the mean of the one-sided derivatives.
+  key = jax.random.key(0)
+  cotangents = jnp.array([[0.0], [1.0], [-3.0]])  # task 0 zero, tasks 1 and 2 disagree
+  features = jnp.ones((1, 1))
+
+  def activation(c):
+    return ogd.graddrop_activation(features, [c[0:1], c[1:2], c[2:3]], key)
+
+  assert float(jax.jacrev(activation)(cotangents)[0, 0, 0, 0]) == 1.0
+  assert float(jax.jacrev(lambda c: ogd.graddrop(c, key))(cotangents)[0, 0, 0]) == 0.5

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tolerances
 from flax import nnx
+from test_sharding import _on_8_cpu_devices
 
 import optax_graddrop as ogd
 
@@ -79,6 +80,47 @@ def test_fork_under_a_per_example_vmap_decides_per_example():
   # The advice: fork the batched features, map the heads.
   mapped_heads = lambda x: jnp.sum(jax.vmap(heads)(*ogd.fork(x, key, 2)))  # noqa: E731
   assert bool((jax.grad(mapped_heads)(features) == jax.grad(batched)(features)).all())
+
+
+_SHARD_MAP = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import optax_graddrop as ogd
+
+mesh = jax.make_mesh((8,), ("x",), axis_types=(AxisType.Auto,))
+block = jax.random.normal(jax.random.key(1), (3, 64))
+task_grads = jnp.tile(block, (1, 8))  # eight equal blocks of 64 parameters
+key = jax.random.key(0)
+
+def sharded(fn):
+  specs = dict(mesh=mesh, in_specs=(P(None, "x"), P()), out_specs=P("x"))
+  return jax.jit(jax.shard_map(fn, **specs))(task_grads, key)
+
+def blocks(out):
+  return np.asarray(out).reshape(8, 64)
+
+def distinct(out):
+  return len({row.tobytes() for row in blocks(out)})
+
+per_shard = sharded(ogd.graddrop)
+folded = sharded(lambda g, k: ogd.graddrop(g, jax.random.fold_in(k, jax.lax.axis_index("x"))))
+unsharded = ogd.graddrop(task_grads, key)
+spread = jax.device_put(task_grads, NamedSharding(mesh, P(None, "x")))
+print(distinct(per_shard), distinct(folded), distinct(unsharded))
+print(np.array_equal(jax.jit(ogd.graddrop)(spread, key), unsharded))
+"""
+
+
+def test_inside_shard_map_each_shard_draws_like_a_call_of_its_own():
+  # jax.shard_map runs the function on each block as if alone: with one key,
+  # every shard draws the same uniforms (as jax.random does there), so equal
+  # blocks get equal masks. Folding the shard index into the key draws
+  # independent masks; jit over sharded arrays equals the unsharded call.
+  result = _on_8_cpu_devices(["-c", _SHARD_MAP])
+  assert result.returncode == 0, result.stderr
+  counts, jit_equals_unsharded = result.stdout.split("\n")[:2]
+  assert counts.split() == ["1", "8", "8"]
+  assert jit_equals_unsharded == "True"
 
 
 def test_sums_of_one_sign_beyond_the_range_give_inf_or_nan():
