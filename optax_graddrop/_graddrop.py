@@ -128,6 +128,7 @@ def graddrop(
     True
   """
   num_tasks = _validation.check_task_grads(task_grads)
+  _validation.check_concrete_shapes(task_grads, name="task_grads")
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
@@ -225,6 +226,7 @@ def sign_masks(
     Array([ True,  True], dtype=bool)
   """
   _validation.check_task_grads(task_grads)
+  _validation.check_concrete_shapes(task_grads, name="task_grads")
   key = _validation.check_key(key)
   _validation.check_eps(eps)
   _core.keep_fn(keep, scale)

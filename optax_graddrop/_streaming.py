@@ -121,8 +121,7 @@ def graddrop_value_and_grad(
     selected = _validation.mask_leaves(mask, primal)
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
-    for (path, _), shape in zip(jax.tree_util.tree_leaves_with_path(primal), shapes):
-      _validation.check_concrete_shape(shape, f"`args[{argnums}]{jax.tree_util.keystr(path)}`")
+    _validation.check_concrete_shapes(primal, name=f"args[{argnums}]")
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     segments, total_calls = _layout.plan(
       shapes,

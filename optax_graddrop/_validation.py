@@ -129,23 +129,28 @@ def check_eps(eps: Any) -> None:
     raise ValueError(f"`eps` must be >= 0; got {eps}.")
 
 
-def check_concrete_shape(shape: tuple[Any, ...], where: str) -> None:
+def check_concrete_shapes(tree: Any, *, name: str) -> None:
   """Raises for a symbolic dimension (``jax.export``'s shape polymorphism).
 
+  GradDrop plans each leaf's place in the stream of uniforms, and the
+  schedule of the sums over tasks, from the leaves' sizes.
+
   Args:
-    shape: a leaf's shape.
-    where: the leaf, for the error message.
+    tree: a pytree of arrays.
+    name: its name, for error messages.
 
   Raises:
-    ValueError: naming the leaf and the limit.
+    ValueError: naming the first leaf with a symbolic dimension.
   """
-  if not all(isinstance(size, (int, np.integer)) for size in shape):
-    raise ValueError(
-      f"{where} has the symbolic shape {shape}; GradDrop needs concrete shapes "
-      "(each leaf's place in the stream of uniforms and the schedule of the sums "
-      "over tasks are planned from the sizes). Export with concrete shapes "
-      "(a symbolic batch dimension in `fork` is fine)."
-    )
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = jnp.shape(leaf)
+    if not all(isinstance(size, (int, np.integer)) for size in shape):
+      raise ValueError(
+        f"`{name}{jax.tree_util.keystr(path)}` has the symbolic shape {shape}; "
+        "GradDrop needs concrete shapes (each leaf's place in the stream of uniforms "
+        "and the schedule of the sums over tasks are planned from the sizes). Export "
+        "with concrete shapes (a symbolic batch dimension in `fork` is fine)."
+      )
 
 
 def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
@@ -176,7 +181,6 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
         "gradients (float16, bfloat16, float32 or float64)."
       )
     shape = jnp.shape(leaf)
-    check_concrete_shape(shape, where)
     if not shape:
       raise ValueError(
         f"{where} is a scalar (shape ()); every leaf needs a leading task "
@@ -435,21 +439,30 @@ def _names(path: Any) -> tuple[Any, ...]:
 
 
 def _is_bool(value: Any) -> bool:
-  return isinstance(value, (bool, np.bool_)) or (
-    not isinstance(value, jax.core.Tracer) and jnp.result_type(value) == jnp.bool_
-  )
+  if isinstance(value, (bool, np.bool_)):
+    return True
+  dtype = getattr(value, "dtype", None)
+  return dtype is not None and not isinstance(value, jax.core.Tracer) and dtype == np.bool_
 
 
-def _is_mask_fn(mask: Any) -> bool:
+def _is_mask_fn(mask: Any, like: Any) -> bool:
   """Whether ``mask`` is a function to call rather than a tree of bools.
 
-  An Equinox module is a pytree and also callable: a module of bools (what
-  ``jax.tree.map`` over a model gives) is a tree of bools, not a function.
+  An Equinox module is a pytree and also callable: a module of bools shaped
+  like the parameters (what ``jax.tree.map`` over a model gives) is a tree
+  of bools. Any other callable (a ``jax.tree_util.Partial``, a module with
+  settings) is a function.
   """
   if not callable(mask):
     return False
   leaves = jax.tree_util.tree_leaves(mask)
-  return (len(leaves) == 1 and leaves[0] is mask) or not all(map(_is_bool, leaves))
+  if not leaves or (len(leaves) == 1 and leaves[0] is mask) or not all(map(_is_bool, leaves)):
+    return True
+  try:  # a prefix of the parameters' structure
+    jax.tree.map(lambda *_: None, mask, like)
+  except (ValueError, TypeError):
+    return True
+  return False
 
 
 def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
@@ -465,8 +478,8 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     mask: ``None`` (every leaf), a pytree of bools with the structure of
       ``like`` or a prefix of it, or a callable returning one from ``like``
       (e.g. from the key paths, with ``jax.tree_util.tree_map_with_path``).
-      A callable pytree whose leaves are all bools (an Equinox module of
-      bools) is a tree of bools.
+      A callable pytree of bools shaped like (a prefix of) ``like`` (an
+      Equinox module of bools) is a tree of bools.
     like: a pytree shaped like the parameters.
     name: the argument's name, for error messages.
 
@@ -480,7 +493,7 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
   paths = [_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
   if mask is None:
     return [True] * len(paths)
-  if _is_mask_fn(mask):
+  if _is_mask_fn(mask, like):
     mask = mask(like)
   entries = {}
   for path, value in jax.tree_util.tree_leaves_with_path(mask):

@@ -78,6 +78,15 @@ def test_symbolic_shapes_are_named_when_exporting(spec):
     jax.export.export(jax.jit(streamed))(params)
 
 
+@pytest.mark.parametrize("fn", [ogd.sum_tasks, ogd.mean_tasks, ogd.mgda, ogd.sign_purity])
+def test_functions_without_uniforms_export_with_symbolic_shapes(fn):
+  exported = jax.export.export(jax.jit(fn))(
+    jax.ShapeDtypeStruct(jax.export.symbolic_shape("3, n"), jnp.float32)
+  )
+  task_grads = jax.random.normal(jax.random.key(0), (3, 10))
+  np.testing.assert_array_equal(exported.call(task_grads), jax.jit(fn)(task_grads))
+
+
 def test_traced_leak_is_accepted_with_the_right_shape():
   out = jax.jit(lambda g, k, leak: ogd.graddrop(g, k, leak=leak))(GOOD, KEY, jnp.array([0.0, 1.0]))
   assert out["w"].shape == (3,)

@@ -484,6 +484,44 @@ def test_masks_of_a_callable_pytree_model(mask):
     chex.assert_trees_all_equal([updates.trunk, updates.head], expected)
 
 
+def _select(name, params):
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[0].name == name, params)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["flag"], meta_fields=[])
+@dataclasses.dataclass
+class _MaskWithSetting:
+  """A mask function that is a pytree with a bool leaf of its own."""
+
+  flag: bool
+
+  def __call__(self, params):
+    return _select("trunk" if self.flag else "head", params)
+
+
+@pytest.mark.parametrize(
+  "mask",
+  [
+    jax.tree_util.Partial(lambda p: _select("trunk", p)),  # no leaves
+    jax.tree_util.Partial(_select, "trunk"),  # a string leaf
+    _MaskWithSetting(True),  # bool leaves, not shaped like the parameters
+  ],
+  ids=["no-leaves", "string-leaf", "bool-setting"],
+)
+def test_callable_pytrees_not_shaped_like_the_parameters_are_mask_functions(mask):
+  params, task_grads = _stacked_problem()
+  params, task_grads = _CallableModel(**params), _CallableModel(**task_grads)
+  key = jax.random.key(6)
+  expected = ogd.graddrop([task_grads.trunk, task_grads.head], key, mask=[True, False])
+  out = ogd.graddrop(task_grads, key, mask=mask)
+  chex.assert_trees_all_equal([out.trunk, out.head], expected)
+  transform = ogd.graddrop_transform(key, mask=mask)
+  updates, _ = transform.update(task_grads, transform.init(params), params)
+  _, step_key = jax.random.split(key)
+  expected = ogd.graddrop([task_grads.trunk, task_grads.head], step_key, mask=[True, False])
+  chex.assert_trees_all_equal([updates.trunk, updates.head], expected)
+
+
 def test_flax_nnx_optimizer_with_graddrop_in_the_chain():
   from flax import nnx
 
