@@ -548,3 +548,16 @@ def test_an_unhashable_keep_callable_works_as_its_function(jit):
   out, masks = (jax.jit(run) if jit else run)(task_grads)
   chex.assert_trees_all_equal(out, ogd.graddrop(task_grads, key, keep="linear", scale=0.5))
   chex.assert_trees_all_equal(masks, ogd.sign_masks(task_grads, key, keep="linear", scale=0.5))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_a_task_with_a_zero_gradient_changes_nothing(jit):
+  # docs/guide/usage.md, "Tasks with missing labels": a task without labels
+  # in a batch contributes a zero gradient, and the output is unchanged.
+  task_grads = {"w": jax.random.normal(jax.random.key(1), (3, 40)), "b": jnp.arange(-3.0, 3.0)}
+  task_grads["b"] = jnp.stack([task_grads["b"], -task_grads["b"], task_grads["b"] ** 2])
+  with_zero = jax.tree.map(lambda g: jnp.concatenate([g, jnp.zeros_like(g[:1])]), task_grads)
+  run = jax.jit(ogd.graddrop) if jit else ogd.graddrop
+  for seed in range(5):
+    key = jax.random.key(seed)
+    chex.assert_trees_all_equal(run(with_zero, key), run(task_grads, key))
