@@ -37,6 +37,11 @@ def check_chunk_size(chunk_size: Any) -> int | None:
   return None if chunk_size is None else int(chunk_size)
 
 
+def differentiated(args: Sequence[Any], argnums: int | Sequence[int]) -> Any:
+  """The differentiated argument (a tuple of them when ``argnums`` is a sequence)."""
+  return args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+
+
 def task_vjp(
   fun: Callable[..., Any],
   argnums: int | Sequence[int],
@@ -72,8 +77,7 @@ def task_vjp(
       )
   # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
   # state would be silently frozen (and a function leaf fails inside JAX).
-  primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnum_tuple)
-  _validation.check_differentiable(primal, name=f"args[{argnums}]")
+  _validation.check_differentiable(differentiated(args, argnums), name=f"args[{argnums}]")
 
   def fun_of_diff_args(*diff_args: Any) -> Any:
     full_args = list(args)
@@ -234,7 +238,7 @@ def per_task_value_and_grad(
 
   def value_and_task_grads(*args: Any, **kwargs: Any) -> Any:
     losses, grad_of, aux = task_vjp(fun, argnums, has_aux, args, kwargs)
-    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    primal = differentiated(args, argnums)
     num_tasks = losses.shape[0]
     shapes = jax.eval_shape(grad_of, jnp.zeros(num_tasks, losses.dtype))
     stack = jax.tree.map(lambda s, p: _zero_rows(num_tasks, s, p), shapes, primal)

@@ -117,7 +117,7 @@ def graddrop_value_and_grad(
     losses, grad_of, aux = _per_task.task_vjp(fun, argnums, has_aux, args, kwargs)
     num_tasks = losses.shape[0]
     leak_per_task = _validation.check_leak(leak, num_tasks)
-    primal = args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
+    primal = _per_task.differentiated(args, argnums)
     selected = _validation.mask_leaves(mask, primal)
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]

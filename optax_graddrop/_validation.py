@@ -456,7 +456,7 @@ def _is_mask_fn(mask: Any, like: Any) -> bool:
   if not callable(mask):
     return False
   leaves = jax.tree_util.tree_leaves(mask)
-  if not leaves or (len(leaves) == 1 and leaves[0] is mask) or not all(map(_is_bool, leaves)):
+  if not leaves or not all(map(_is_bool, leaves)):  # a plain function is its own leaf
     return True
   try:  # a prefix of the parameters' structure
     jax.tree.map(lambda *_: None, mask, like)
