@@ -187,3 +187,83 @@ def test_stats_in_a_jitted_linen_step_and_only_with_the_collection():
   chex.assert_trees_all_equal(
     stats["GradDrop_0"]["stats"], ogd.GradDropStats(jnp.float32(0), jnp.float32(1))
   )
+
+
+# docs/guide/usage.md, "Inside scans and per-example maps". The tasks' cotangents
+# are +1 and -1 on every feature of a GradDrop layer's input: GradDrop keeps one
+# task per feature, so the input's gradient is the sign of the task kept (summed
+# over the batch), every call conflicts everywhere and keeps one task of two.
+BATCH, FEATURES, STEPS = 2, 32, 3
+
+
+class _Block(nn.Module):
+  """A layer of a stack whose GradDrop mask is read off its parameter's gradient."""
+
+  @nn.compact
+  def __call__(self, h, _):
+    p = self.param("p", nn.initializers.normal(1.0), (FEATURES,))
+    a, b = ogd_linen.GradDrop(2, track_stats=True)(jnp.broadcast_to(p, h.shape))
+    return h + a - b, None
+
+
+class _Cell(nn.Module):
+  """A cell reused over time steps; its GradDrop mask shows in the inputs' gradient."""
+
+  @nn.compact
+  def __call__(self, h, x):
+    bias = self.param("bias", nn.initializers.zeros, (FEATURES,))
+    a, b = ogd_linen.GradDrop(2, track_stats=True)(x + bias)
+    return h + a - b, None
+
+
+def test_a_layer_stack_in_nn_scan_gets_its_own_weights_masks_and_stats():
+  stack = nn.scan(
+    _Block,
+    length=STEPS,
+    variable_axes={"params": 0, "perturbations": 0},
+    split_rngs={"params": True, "graddrop": True},
+  )()
+  h = jnp.zeros((BATCH, FEATURES))
+  variables = stack.init({"params": jax.random.key(0), "graddrop": jax.random.key(1)}, h, None)
+  assert (
+    len(jnp.unique(variables["params"]["p"], axis=0)) == STEPS
+  )  # each layer's own initial weights
+
+  def grads(variables, key):
+    loss = lambda v: jnp.sum(stack.apply(v, h, None, rngs={"graddrop": key})[0])  # noqa: E731
+    return jax.grad(loss)(variables)
+
+  first = jax.jit(grads)(variables, jax.random.key(2))
+  chex.assert_trees_all_equal(grads(variables, jax.random.key(2)), first)
+  p_grad = first["params"]["p"]
+  chex.assert_trees_all_equal(jnp.abs(p_grad), jnp.full((STEPS, FEATURES), float(BATCH)))
+  assert len(jnp.unique(jnp.sign(p_grad), axis=0)) == STEPS  # a mask per layer
+  chex.assert_trees_all_equal(
+    first["perturbations"]["GradDrop_0"]["stats"],
+    ogd.GradDropStats(jnp.ones(STEPS), jnp.full(STEPS, 0.5)),
+  )
+
+
+def test_a_cell_in_nn_scan_draws_a_mask_and_reports_stats_per_step():
+  cell = nn.scan(
+    _Cell,
+    variable_broadcast="params",
+    variable_axes={"perturbations": 0},
+    split_rngs={"params": False, "graddrop": True},
+  )()
+  h, xs = jnp.zeros((BATCH, FEATURES)), jnp.ones((STEPS, BATCH, FEATURES))
+  variables = cell.init({"params": jax.random.key(0), "graddrop": jax.random.key(1)}, h, xs)
+  chex.assert_shape(variables["params"]["bias"], (FEATURES,))  # shared by the steps
+
+  @jax.jit
+  def grads(variables, xs, key):
+    loss = lambda v, xs: jnp.sum(cell.apply(v, h, xs, rngs={"graddrop": key})[0])  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1))(variables, xs)
+
+  variable_grads, xs_grad = grads(variables, xs, jax.random.key(2))
+  chex.assert_trees_all_equal(jnp.abs(xs_grad), jnp.ones_like(xs))
+  assert len(jnp.unique(jnp.sign(xs_grad[:, 0]), axis=0)) == STEPS  # a mask per step
+  chex.assert_trees_all_equal(
+    variable_grads["perturbations"]["GradDrop_0"]["stats"],
+    ogd.GradDropStats(jnp.ones(STEPS), jnp.full(STEPS, 0.5)),
+  )

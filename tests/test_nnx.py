@@ -375,10 +375,13 @@ def test_deterministic_layers_report_that_nothing_was_dropped():
   tolerances.assert_sums_close(grads, plain_grads, terms=GRAD_TERMS)
 
 
+# docs/guide/usage.md, "Inside scans and per-example maps".
+
+
 class _ScannedCell(nnx.Module):
   def __init__(self, rngs: nnx.Rngs):
     self.cell = nnx.GRUCell(3, 8, rngs=rngs)
-    self.split = ogd_nnx.GradDrop(2, rngs=rngs)
+    self.split = ogd_nnx.GradDrop(2, track_stats=True, rngs=rngs)
 
   def __call__(self, carry, x):
     carry, h = self.cell(carry, x)
@@ -386,11 +389,11 @@ class _ScannedCell(nnx.Module):
 
 
 @pytest.mark.parametrize("split_rngs", [False, True])
-def test_a_layer_in_nnx_scan_redraws_its_signs_only_with_split_rngs(split_rngs):
-  # docs/guide/usage.md, "Inside scans and per-example maps".
+def test_a_cell_in_nnx_scan_redraws_its_signs_only_with_split_rngs_and_sums_its_stats(split_rngs):
   steps = 5
-  x = jax.random.normal(jax.random.key(0), (4, steps, 3))
-  weights = jax.random.normal(jax.random.key(1), (2, 8))
+  # An odd batch: every feature's summed signals are nonzero, and of opposite
+  # signs for the two tasks below.
+  x = jax.random.normal(jax.random.key(0), (3, steps, 3))
 
   def loss(cell):
     if split_rngs:
@@ -399,11 +402,92 @@ def test_a_layer_in_nnx_scan_redraws_its_signs_only_with_split_rngs(split_rngs):
       run = nnx.split_rngs(splits=steps, only="graddrop")(scan(lambda c, m, x: m(c, x)))
     else:
       run = nnx.scan(in_axes=(nnx.Carry, None, 1), out_axes=(nnx.Carry, 2))(lambda c, m, x: m(c, x))
-    _, hs = run(jnp.zeros((4, 8)), cell, x)  # [T, B, L, H]
-    return jnp.sum(hs[0] * weights[0]) - jnp.sum(hs[1] ** 2 * weights[1])
+    _, hs = run(jnp.zeros((3, 8)), cell, x)  # [T, B, L, H]
+    return jnp.sum(hs[0]) - jnp.sum(hs[1])  # the tasks disagree on every feature
 
   cell = _ScannedCell(nnx.Rngs(params=0, graddrop=1))
-  grad_fn = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))
-  first, second = grad_fn(cell), grad_fn(cell)
+  grad_fn = nnx.grad(loss, argnums=STATS_WRT)
+  (first, stats), (second, _) = (
+    nnx.split_state(grad_fn(cell), nnx.Param, ogd_nnx.Stats) for _ in range(2)
+  )
   differ = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), first, second)
   assert any(jax.tree.leaves(differ)) == split_rngs
+  # One probe for every step: each step conflicts everywhere and keeps one
+  # task of two, so the statistics are the sums (1, 0.5) * steps.
+  chex.assert_trees_all_equal(
+    stats["split"]["stats"].get_value(),
+    ogd.GradDropStats(jnp.float32(steps), jnp.float32(steps / 2)),
+  )
+
+
+LAYERS, BATCH, FEATURES = 3, 2, 32
+
+
+class _Block(nnx.Module):
+  """A layer of a stack whose GradDrop mask is read off its parameter's gradient."""
+
+  def __init__(self, rngs: nnx.Rngs):
+    self.p = nnx.Param(jnp.ones(FEATURES))
+    self.split = ogd_nnx.GradDrop(2, track_stats=True, rngs=rngs)
+
+  def __call__(self, h, key=None):
+    a, b = self.split(jnp.broadcast_to(self.p[...], h.shape), rngs=key)
+    # The tasks' cotangents are +1 and -1 on every feature: GradDrop keeps one,
+    # so p's gradient is +B or -B per feature, the sign of the task kept.
+    return h + a - b
+
+
+@nnx.split_rngs(splits=LAYERS)
+@nnx.vmap(in_axes=(0,), out_axes=0)
+def _make_blocks(rngs):
+  return _Block(rngs)
+
+
+def _stack_loss(blocks, keys=None):
+  """The summed output of the scanned blocks; `keys`: call-time keys, one or one per layer."""
+  key_axis = None if keys is None or keys.ndim == 0 else 0
+
+  @nnx.scan(in_axes=(nnx.Carry, 0, key_axis), out_axes=nnx.Carry)
+  def run(h, block, key):
+    return block(h, key)
+
+  return jnp.sum(run(jnp.zeros((BATCH, FEATURES)), blocks, keys))
+
+
+def _masks(p_grad):
+  """[L, FEATURES] signs of the tasks kept, checking the gradient is +-B."""
+  chex.assert_trees_all_equal(jnp.abs(p_grad), jnp.full((LAYERS, FEATURES), float(BATCH)))
+  return jnp.sign(p_grad)
+
+
+def test_a_layer_stack_in_nnx_scan_draws_a_mask_per_layer_and_step():
+  blocks = _make_blocks(nnx.Rngs(graddrop=1))
+  chex.assert_shape(blocks.split.rngs.key[...], (LAYERS,))  # a key stream per layer
+  step = nnx.jit(nnx.grad(_stack_loss, argnums=STATS_WRT))
+  first, second = step(blocks), step(blocks)
+  masks = [_masks(grads["p"][...]) for grads in (first, second)]
+  assert len(jnp.unique(masks[0], axis=0)) == LAYERS
+  assert not jnp.array_equal(masks[0], masks[1])  # new masks every training step
+  # One probe per layer: each conflicts everywhere and keeps one task of two.
+  chex.assert_trees_all_equal(
+    first["split"]["stats"].get_value(),
+    ogd.GradDropStats(jnp.ones(LAYERS), jnp.full(LAYERS, 0.5)),
+  )
+  # The same seed gives the same masks, jitted or not.
+  again = nnx.grad(_stack_loss, argnums=STATS_WRT)(_make_blocks(nnx.Rngs(graddrop=1)))
+  chex.assert_trees_all_equal(nnx.state(again), nnx.state(first))
+
+
+@pytest.mark.parametrize("split_over_layers", [False, True])
+def test_a_call_time_key_in_a_layer_stack_must_be_split_over_the_layers(split_over_layers):
+  graphdef, params, rest = nnx.split(_make_blocks(nnx.Rngs(graddrop=1)), nnx.Param, ...)
+
+  def p_grad(seed_key):
+    keys = jax.random.split(seed_key, LAYERS) if split_over_layers else seed_key
+    loss = lambda params: _stack_loss(nnx.merge(graphdef, params, rest, copy=True), keys)  # noqa: E731
+    return jax.grad(loss)(params)["p"][...]
+
+  # Per-seed keys, as in a vmapped multi-seed run.
+  per_seed = [_masks(g) for g in jax.jit(jax.vmap(p_grad))(jax.random.split(jax.random.key(5), 2))]
+  assert [len(jnp.unique(m, axis=0)) for m in per_seed] == [LAYERS if split_over_layers else 1] * 2
+  assert not jnp.array_equal(per_seed[0], per_seed[1])
