@@ -9,7 +9,6 @@ the per-task gradients of the whole batch, as without accumulation.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -94,11 +93,9 @@ def multi_steps(
     >>> updates
     Array([-0.4, -0.3,  0.3], dtype=float32)
   """
-  _validation.check_num_tasks(num_tasks)
+  num_tasks = _validation.check_num_tasks(num_tasks)
   if not callable(every_k_schedule) and (
-    isinstance(every_k_schedule, bool)
-    or not isinstance(every_k_schedule, numbers.Integral)
-    or every_k_schedule < 1
+    not _validation.is_int(every_k_schedule) or every_k_schedule < 1
   ):
     raise ValueError(
       f"`every_k_schedule` must be an int >= 1 or a function of the step; got {every_k_schedule!r}."

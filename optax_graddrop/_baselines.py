@@ -422,9 +422,7 @@ def _min_norm_weights_jvp(
 
 
 def _check_num_iterations(num_iterations: Any) -> None:
-  if num_iterations is not None and (
-    isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 0
-  ):
+  if num_iterations is not None and (not _validation.is_int(num_iterations) or num_iterations < 0):
     raise ValueError(f"`num_iterations` must be None or an int >= 0; got {num_iterations!r}.")
 
 

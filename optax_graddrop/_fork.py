@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_graddrop import _core
 from optax_graddrop import _fusion
@@ -38,16 +39,23 @@ from optax_graddrop import _validation
 Marginalize = Literal["sign", "value"] | None
 
 
+def check_batch_axes(batch_axes: Any) -> tuple[int, ...]:
+  """Checks ``batch_axes`` (an int or ints, Python or NumPy); returns a tuple of ints."""
+  if _validation.is_int(batch_axes):
+    batch_axes = (batch_axes,)
+  if not np.iterable(batch_axes) or not all(_validation.is_int(a) for a in batch_axes):
+    raise TypeError(f"`batch_axes` must be an int or a tuple of ints; got {batch_axes!r}.")
+  return tuple(int(a) for a in batch_axes)
+
+
 def _check_options(
   features: Any, num_tasks: Any, marginalize: Any, batch_axes: Any
-) -> tuple[int, ...]:
-  _validation.check_num_tasks(num_tasks)
+) -> tuple[int, tuple[int, ...]]:
+  """Checks the options shared by ``fork`` and ``graddrop_activation``; returns them as ints."""
+  num_tasks = _validation.check_num_tasks(num_tasks)
   if marginalize not in ("sign", "value", None):
     raise ValueError(f"`marginalize` must be 'sign', 'value' or None; got {marginalize!r}.")
-  if isinstance(batch_axes, int):
-    batch_axes = (batch_axes,)
-  if not all(isinstance(a, int) and not isinstance(a, bool) for a in batch_axes):
-    raise TypeError(f"`batch_axes` must be a tuple of ints; got {batch_axes!r}.")
+  batch_axes = check_batch_axes(batch_axes)
   leaves = jax.tree_util.tree_leaves_with_path(features)
   if not leaves:
     raise ValueError("`features` has no array leaves.")
@@ -66,7 +74,7 @@ def _check_options(
           )
       if len({a % ndim for a in batch_axes}) != len(batch_axes):
         raise ValueError(f"`batch_axes` {tuple(batch_axes)} repeats an axis of {where}.")
-  return tuple(batch_axes)
+  return num_tasks, batch_axes
 
 
 def _signal(
@@ -133,7 +141,9 @@ def graddrop_activation(
     scale: as for :func:`graddrop`.
     eps: as for :func:`graddrop`.
     marginalize: ``"sign"``, ``"value"`` or ``None``; see above.
-    batch_axes: the axes of every leaf summed over in step 1.
+    batch_axes: the axes of every leaf summed over in step 1 (an int, or a
+      sequence of Python or NumPy ints); unused with ``marginalize=None``,
+      where every element decides on its own.
     preserve_norm: rescale each leaf of the result to the norm of the plain
       sum ``sum_i g_i`` (batch included).
     return_stats: also return :class:`GradDropStats` over all leaves' signals.
@@ -154,8 +164,7 @@ def graddrop_activation(
     >>> float(stats.conflict_fraction)  # every feature: the tasks disagree
     1.0
   """
-  num_tasks = len(task_cotangents)
-  batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
+  num_tasks, batch_axes = _check_options(features, len(task_cotangents), marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)
@@ -315,7 +324,7 @@ def fork(
     >>> float(stats.conflict_fraction)  # the two heads disagree on every feature
     1.0
   """
-  batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
+  num_tasks, batch_axes = _check_options(features, num_tasks, marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)
   _validation.check_eps(eps)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,15 @@ from optax_graddrop import _layout
 from optax_graddrop import _validation
 
 
-def _loss_vector(losses: Any) -> jax.Array:
+def _loss_vector(losses: Any, has_aux: bool) -> jax.Array:
+  if not isinstance(losses, jax.Array):
+    # jnp.asarray would stack a tuple, but its VJP wants a tuple of cotangents.
+    pair = isinstance(losses, (tuple, list)) and not has_aux
+    hint = "; for a (losses, aux) pair, pass has_aux=True" if pair else ""
+    raise ValueError(
+      "The loss function must return a 1-D float vector of task losses, one per task; "
+      f"got a {type(losses).__name__} (stack the losses with jnp.stack{hint})."
+    )
   losses = jnp.asarray(losses)
   if losses.ndim != 1 or not jnp.issubdtype(losses.dtype, jnp.floating):
     raise ValueError(
@@ -30,9 +37,7 @@ def _loss_vector(losses: Any) -> jax.Array:
 
 def check_chunk_size(chunk_size: Any) -> int | None:
   """Checks the number of tasks per backward pass; returns it as a Python int."""
-  if chunk_size is not None and (
-    isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-  ):
+  if chunk_size is not None and (not _validation.is_int(chunk_size) or chunk_size < 1):
     raise ValueError(f"`chunk_size` must be a positive int or None; got {chunk_size!r}.")
   return None if chunk_size is None else int(chunk_size)
 
@@ -95,7 +100,7 @@ def task_vjp(
     grads = vjp_fn(cotangent)
     return grads[0] if isinstance(argnums, int) else grads
 
-  return _loss_vector(losses), grad_of, aux
+  return _loss_vector(losses, has_aux), grad_of, aux
 
 
 def task_cotangents(num_tasks: int, start: Any, size: int, dtype: Any) -> jax.Array:

@@ -93,8 +93,14 @@ def aggregator_transform(
 
   def init_fn(params: optax.Params) -> AggregatorState:
     del params
-    key_data = None if initial_key is None else jax.random.key_data(initial_key)
-    return AggregatorState(count=jnp.zeros([], jnp.int32), rng_key=key_data, stats=initial_stats)
+    # Fresh buffers on every call, as optax's own states: a step that donates
+    # one state must not delete the arrays of another (or of a later init).
+    key_data = None if initial_key is None else jnp.array(jax.random.key_data(initial_key))
+    return AggregatorState(
+      count=jnp.zeros([], jnp.int32),
+      rng_key=key_data,
+      stats=jax.tree.map(jnp.array, initial_stats),
+    )
 
   def update_fn(
     task_updates: optax.Updates,

@@ -35,7 +35,7 @@ def check_key(key: Any, *, allow_seed: bool = False, name: str = "key") -> jax.A
   Raises:
     TypeError: for anything that is not a single PRNG key (or seed).
   """
-  if allow_seed and isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
+  if allow_seed and is_int(key):
     if not -(2**63) <= int(key) < 2**63:
       raise ValueError(f"An int seed for `{name}` must fit in int64; got {key}.")
     return jax.random.key(int(key))
@@ -92,11 +92,16 @@ def check_flags(**flags: Any) -> None:
       raise TypeError(f"`{name}` must be a bool; got {value!r} of type {type(value).__name__}.")
 
 
+def is_int(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy integer (not a bool)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_num_tasks(num_tasks: Any) -> int:
-  """Checks a task count given as an argument (``fork``, ``gradnorm``)."""
-  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+  """Checks a task count given as an argument (``fork``, ``gradnorm``); returns a Python int."""
+  if not is_int(num_tasks) or num_tasks < 1:
     raise ValueError(f"`num_tasks` must be an int >= 1; got {num_tasks!r}.")
-  return num_tasks
+  return int(num_tasks)
 
 
 def _concrete(value: Any) -> Any:
@@ -487,19 +492,32 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     One Python bool per leaf of ``like``, in leaf order.
 
   Raises:
-    ValueError: if a leaf of ``like`` has no entry in the mask.
-    TypeError: if a mask leaf is not a concrete bool.
+    ValueError: if a leaf of ``like`` has no entry in the mask, or the mask
+      selects no leaf at all (the aggregator would be the plain sum).
+    TypeError: if a mask leaf is not a concrete bool, or ``mask`` is a class
+      or an NNX filter.
   """
   paths = [_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
   if mask is None:
     return [True] * len(paths)
+  if isinstance(mask, type) or type(mask).__module__.startswith("flax.nnx.filterlib"):
+    raise TypeError(
+      f"`{name}` must be a pytree of bools shaped like the parameters (or a prefix of "
+      f"it), or a function returning one; got {mask!r}, which looks like an NNX "
+      "filter. Select leaves by their paths instead, e.g. {'trunk': True, 'heads': False}."
+    )
   if _is_mask_fn(mask, like):
     mask = mask(like)
   entries = {}
   for path, value in jax.tree_util.tree_leaves_with_path(mask):
     where = f"`{name}{jax.tree_util.keystr(path)}`"
     if isinstance(value, jax.core.Tracer) or jnp.shape(value) != ():
-      raise TypeError(f"Every leaf of `{name}` must be a concrete bool; {where} is {value!r}.")
+      what = "a tracer" if isinstance(value, jax.core.Tracer) else "an array"
+      raise TypeError(
+        f"Every leaf of `{name}` must be a concrete bool; {where} is {what} of shape "
+        f"{jnp.shape(value)}. A mask selects whole leaves: a leaf stacked over layers "
+        "gets the aggregator in all its layers or in none."
+      )
     if not _is_bool(value):
       raise TypeError(f"Every leaf of `{name}` must be a bool; {where} is {value!r}.")
     entries[_names(path)] = bool(value)
@@ -514,4 +532,13 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
         f"returning one; got {mask!r}."
       )
     selected.append(entries[prefixes[0]])
+  if paths and not any(selected):
+    # Often a callable testing the last path entry of an nnx.State of Variables,
+    # whose paths end in `.value`: show the paths it saw.
+    seen = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
+    raise ValueError(
+      f"`{name}` selects no parameter, so the aggregator would apply nowhere (for the "
+      "plain sum, use `sum_transform` or `sum_tasks`). The parameters' key paths, as a "
+      f"callable mask sees them: {', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}."
+    )
   return selected

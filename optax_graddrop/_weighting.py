@@ -176,7 +176,7 @@ def gradnorm(
     Balancing in Deep Multitask Networks <https://arxiv.org/abs/1711.02257>`_,
     ICML 2018.
   """
-  _validation.check_num_tasks(num_tasks)
+  num_tasks = _validation.check_num_tasks(num_tasks)
   weight_optimizer = optax.adam(0.025) if optimizer is None else optimizer
 
   def init() -> GradNormState:

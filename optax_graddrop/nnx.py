@@ -110,7 +110,7 @@ class GradDrop(nnx.Module):
     rng_collection: str = "graddrop",
     rngs: nnx.Rngs | nnx.RngStream | None = None,
   ):
-    _validation.check_num_tasks(num_tasks)
+    num_tasks = _validation.check_num_tasks(num_tasks)
     _validation.check_leak(leak, num_tasks)
     _validation.check_flags(deterministic=deterministic, track_stats=track_stats)
     _core.keep_fn(keep, scale)
@@ -121,7 +121,7 @@ class GradDrop(nnx.Module):
     self.options: dict[str, Any] = dict(
       keep=keep,
       marginalize=marginalize,
-      batch_axes=batch_axes,
+      batch_axes=_fork.check_batch_axes(batch_axes),
       preserve_norm=preserve_norm,
     )
     self.deterministic = deterministic

@@ -3,6 +3,7 @@
 None of these reaches XLA: all are raised at trace time, eagerly or under jit.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,11 +129,16 @@ def test_transform_reports_bad_updates_by_name():
     (lambda w: jnp.sum(w), r"1-D float vector.*shape \(\)"),
     (lambda w: jnp.ones((2, 2)) * w.sum(), r"shape \(2, 2\)"),
     (lambda w: w[:0], "0 task losses"),
+    (lambda w: (w.sum(), w[0]), r"got a tuple \(stack the losses with jnp.stack; for a \(losses"),
+    (lambda w: [w.sum(), w[0]], "got a list"),
+    (lambda w: {"a": w.sum()}, r"got a dict \(stack the losses with jnp.stack\)"),
   ],
 )
 def test_per_task_rejects_non_vector_losses(fun, match):
   with pytest.raises(ValueError, match=match):
     ogd.per_task_value_and_grad(fun)(jnp.ones(3))
+  with pytest.raises(ValueError, match=match):
+    ogd.graddrop_value_and_grad(fun, KEY)(jnp.ones(3))
 
 
 def test_per_task_rejects_argnums_out_of_range():
@@ -145,7 +151,7 @@ FORK_CASES = [
   ({"num_tasks": True}, ValueError, "`num_tasks`"),
   ({"batch_axes": (3,)}, ValueError, r"`batch_axes` \(3,\) is out of range"),
   ({"batch_axes": (0, 0)}, ValueError, "repeats an axis"),
-  ({"batch_axes": ("0",)}, TypeError, "`batch_axes` must be a tuple of ints"),
+  ({"batch_axes": ("0",)}, TypeError, "`batch_axes` must be an int or a tuple of ints"),
   ({"marginalize": "median"}, ValueError, "`marginalize` must be"),
   ({"features": jnp.ones((4, 3), jnp.int32)}, TypeError, "floating-point features"),
   ({"features": {}}, ValueError, "`features` has no array leaves"),
@@ -245,15 +251,46 @@ def test_adam_after_graddrop_sees_the_error_not_a_broadcast():
   [
     ({"w": True}, ValueError, r"`mask` has no entry for the parameter at \['b'\]"),
     ({"w": 1.0, "b": True}, TypeError, "Every leaf of `mask` must be a bool"),
-    (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "must be a concrete bool"),
+    (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "concrete bool.*whole leaves"),
+    (False, ValueError, r"selects no parameter.*key paths.*\['b'\], \['w'\]"),
+    (lambda p: jax.tree.map(lambda _: False, p), ValueError, "selects no parameter"),
+    (nnx.Param, TypeError, "looks like an NNX filter"),
+    (nnx.PathContains("w"), TypeError, "looks like an NNX filter"),
   ],
 )
 def test_bad_masks_are_named(mask, error, match):
   with pytest.raises(error, match=match):
     ogd.graddrop(GOOD, KEY, mask=mask)
-  tx = ogd.graddrop_transform(0, mask=mask)
   with pytest.raises(error, match=match):
-    tx.update(GOOD, tx.init(jax.tree.map(lambda g: g[0], GOOD)))
+    ogd.graddrop_value_and_grad(lambda p: jnp.stack([p["w"].sum(), -p["b"].sum()]), KEY, mask=mask)(
+      jax.tree.map(lambda g: g[0], GOOD)
+    )
+  for tx in (ogd.graddrop_transform(0, mask=mask), ogd.pcgrad_transform(0, mask=mask)):
+    with pytest.raises(error, match=match):
+      tx.update(GOOD, tx.init(jax.tree.map(lambda g: g[0], GOOD)))
+
+
+def test_a_callable_mask_sees_the_paths_of_an_nnx_state_of_variables():
+  # Leaves of an nnx.State of Variables sit under `.value`: a mask testing the
+  # last path entry selects nothing, which is an error, not the plain sum.
+  _, params = nnx.split(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
+  task_grads = jax.tree.map(lambda p: jnp.stack([p, -p]), params)
+
+  def last_entry_is_kernel(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].name == "kernel", params)
+
+  with pytest.raises(ValueError, match=r"\['bias'\]\.value, \['kernel'\]\.value"):
+    ogd.graddrop(task_grads, KEY, mask=last_entry_is_kernel)
+
+  def has_kernel(params):
+    return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(entry, "key", None) == "kernel" for entry in path), params
+    )
+
+  chex.assert_trees_all_equal(
+    ogd.graddrop(task_grads, KEY, mask=has_kernel),
+    ogd.graddrop(task_grads, KEY, mask={"kernel": True, "bias": False}),
+  )
 
 
 def test_a_callable_keep_injected_as_a_schedule_gets_a_hint():
@@ -347,3 +384,12 @@ def test_numpy_integers_are_accepted_where_ints_are():
     second, _ = tx.update(jnp.ones((2, 3)), state, w)
     np.testing.assert_array_equal(first, jnp.zeros(3))  # accumulating
     np.testing.assert_array_equal(second, jnp.full(3, -2.0))  # applied
+  features = jnp.ones((2, 3, 4))
+  chex.assert_trees_all_equal(
+    ogd.fork(features, KEY, np.int64(2), batch_axes=np.arange(2)),
+    ogd.fork(features, KEY, 2, batch_axes=(0, 1)),
+  )
+  layer = ogd.nnx.GradDrop(np.int32(2), batch_axes=np.arange(2), rngs=nnx.Rngs(graddrop=0))
+  assert layer.num_tasks == 2 and layer.options["batch_axes"] == (0, 1)
+  assert ogd.gradnorm(np.int64(2)).init().weights.shape == (2,)
+  ogd.mgda(STACKED, num_iterations=np.int64(3))
