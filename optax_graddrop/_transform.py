@@ -58,9 +58,13 @@ def aggregator_transform(
   returns ``aggregate(task_updates, step_key)``, shaped like the parameters.
   It must therefore come first in ``optax.chain(...)``, before the optimizer,
   or serve as the aggregator of ``optax.experimental.aggregating.process``.
-  When ``params`` are passed to ``update`` (as ``optax.chain`` does), every
-  leaf of the updates must be ``[T, *param.shape]``; anything else (a plain
-  gradient, tasks on another axis) raises a ``ValueError`` naming the leaf.
+  When ``params`` are passed to ``update`` (``nnx.Optimizer`` and
+  ``TrainState.apply_gradients`` pass them; ``optax.chain`` forwards what it
+  gets), every leaf of the updates must be ``[T, *param.shape]``; anything
+  else (a plain gradient, tasks on another axis) raises a ``ValueError``
+  naming the leaf. Without ``params`` that check cannot run: a plain gradient
+  whose leaves share one leading size (a one-leaf model, layers stacked by a
+  scan) is taken as a stack of that many tasks, so pass them.
 
   Args:
     aggregate: ``(task_updates, key) -> (updates, stats)``; ``key`` is a fresh

@@ -51,7 +51,10 @@ class GradDrop(nn.Module):
       and ``(0, 1, 2)`` for ``[B, H, W, C]`` maps.
     deterministic: default for the call's ``deterministic``.
     track_stats: create the ``stats`` probe at ``init`` (see above).
-    rng_collection: the rng stream to draw keys from.
+    rng_collection: the rng stream to draw keys from. Inside ``nn.scan``,
+      split it (``split_rngs``) and put ``"perturbations"`` in
+      ``variable_axes`` for the statistics: see "Inside scans" in the usage
+      guide.
 
   Example:
     >>> import jax, jax.numpy as jnp

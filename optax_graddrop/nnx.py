@@ -78,7 +78,10 @@ class GradDrop(nnx.Module):
     track_stats: hold a :class:`Stats` probe (see above). Off by default:
       no probe, no extra state, no extra work.
     rng_collection: the rng stream to draw keys from.
-    rngs: an ``nnx.Rngs`` with that stream, or an ``nnx.RngStream``.
+    rngs: an ``nnx.Rngs`` with that stream (without it, ``nnx.Rngs`` falls
+      back to its ``default`` stream), or an ``nnx.RngStream``. Inside
+      ``nnx.scan`` the layer needs one key per step: see "Inside scans" in
+      the usage guide.
 
   Example:
     >>> import jax, jax.numpy as jnp
