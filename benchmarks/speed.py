@@ -727,14 +727,32 @@ def run_conv_param_level(problem: ConvProblem, repeats: int) -> str:
     )
   fns = {BACKWARD_LOOP: lambda: [one_task(params, i) for i in tasks]}
   compile_seconds = {BACKWARD_LOOP: _compiled(one_task, params, 0)[1]}
+  # The loop's memory is one backward pass's: the reference for the others.
+  scratch = {BACKWARD_LOOP: _temp_mib(one_task, params, 0)}
   for label, fn in jitted.items():
     fns[label], compile_seconds[label] = _compiled(fn, params)
+    scratch[label] = _temp_mib(fn, params)
   times = _interleaved_medians(fns, repeats)
   rows = [
-    [label, f"{compile_seconds[label]:.2f}", f"{1e3 * t:.1f}", f"{t / times[BACKWARD_LOOP]:.2f}x"]
+    [
+      label,
+      f"{compile_seconds[label]:.2f}",
+      f"{1e3 * t:.1f}",
+      f"{t / times[BACKWARD_LOOP]:.2f}x",
+      f"{scratch[label]:.1f}",
+      f"{scratch[label] / scratch[BACKWARD_LOOP]:.2f}x",
+    ]
     for label, t in times.items()
   ]
-  return _common.markdown_table(["method", "compile s", "median ms", "vs T backward passes"], rows)
+  header = [
+    "method",
+    "compile s",
+    "median ms",
+    "vs T backward passes",
+    "scratch MiB",
+    "vs one pass",
+  ]
+  return _common.markdown_table(header, rows)
 
 
 # --- Scaling ------------------------------------------------------------------------

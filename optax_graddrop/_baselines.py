@@ -421,9 +421,16 @@ def _min_norm_weights_jvp(
   return weights, jnp.matmul(jnp.linalg.pinv(kkt), rhs, precision=_HIGHEST)[:-1]
 
 
-def _check_num_iterations(num_iterations: Any) -> None:
-  if num_iterations is not None and (not _validation.is_int(num_iterations) or num_iterations < 0):
-    raise ValueError(f"`num_iterations` must be None or an int >= 0; got {num_iterations!r}.")
+def _check_num_iterations(num_iterations: Any) -> int | None:
+  """Checks the Frank-Wolfe step bound; returns it as a Python int (or None)."""
+  # The solver counts its steps in int32.
+  if num_iterations is not None and (
+    not _validation.is_int(num_iterations) or not 0 <= num_iterations < 2**31
+  ):
+    raise ValueError(
+      f"`num_iterations` must be None or an int in [0, 2**31); got {num_iterations!r}."
+    )
+  return None if num_iterations is None else int(num_iterations)
 
 
 def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Array:
@@ -458,8 +465,9 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     ``gram``'s dtype.
 
   Raises:
-    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``,
-      or ``gram`` is not a square 2-D matrix of at least one task.
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int in
+      ``[0, 2**31)``, or ``gram`` is not a square 2-D matrix of at least one
+      task.
     TypeError: if ``gram`` is not an array of a real floating-point dtype.
 
   Example:
@@ -472,7 +480,7 @@ def mgda_weights(gram: jax.Array, num_iterations: int | None = None) -> jax.Arra
     Lacoste-Julien & Jaggi, `On the Global Linear Convergence of Frank-Wolfe
     Optimization Variants <https://arxiv.org/abs/1511.05932>`_, NeurIPS 2015.
   """
-  _check_num_iterations(num_iterations)
+  num_iterations = _check_num_iterations(num_iterations)
   _check_gram(gram)
   # Jitted: called eagerly, its loops would be traced and compiled every call.
   return _mgda_weights(gram, num_iterations)
@@ -510,7 +518,7 @@ def mgda(task_grads: Any, num_iterations: int | None = None, *, mask: Any = None
     The combined gradient, without the task axis.
 
   Raises:
-    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int in ``[0, 2**31)``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -558,9 +566,9 @@ def mgda_transform(
     An ``optax.experimental.aggregating.Aggregator``.
 
   Raises:
-    ValueError: if ``num_iterations`` is neither ``None`` nor an int ``>= 0``.
+    ValueError: if ``num_iterations`` is neither ``None`` nor an int in ``[0, 2**31)``.
   """
-  _check_num_iterations(num_iterations)
+  num_iterations = _check_num_iterations(num_iterations)
 
   def aggregate(task_grads: Any, _: Any, mask: Any = None) -> tuple[Any, tuple]:
     return mgda(task_grads, num_iterations, mask=mask), ()

@@ -42,10 +42,12 @@ Marginalize = Literal["sign", "value"] | None
 def check_batch_axes(batch_axes: Any) -> tuple[int, ...]:
   """Checks ``batch_axes`` (an int or ints, Python or NumPy); returns a tuple of ints."""
   if _validation.is_int(batch_axes):
-    batch_axes = (batch_axes,)
-  if not np.iterable(batch_axes) or not all(_validation.is_int(a) for a in batch_axes):
+    return (int(batch_axes),)
+  # A tuple first: a generator would be used up by the check.
+  axes = tuple(batch_axes) if np.iterable(batch_axes) else None
+  if axes is None or not all(_validation.is_int(a) for a in axes):
     raise TypeError(f"`batch_axes` must be an int or a tuple of ints; got {batch_axes!r}.")
-  return tuple(int(a) for a in batch_axes)
+  return tuple(int(a) for a in axes)
 
 
 def _check_options(

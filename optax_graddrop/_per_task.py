@@ -16,7 +16,7 @@ from optax_graddrop import _validation
 
 
 def _loss_vector(losses: Any, has_aux: bool) -> jax.Array:
-  if not isinstance(losses, jax.Array):
+  if not jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(losses)):
     # jnp.asarray would stack a tuple, but its VJP wants a tuple of cotangents.
     pair = isinstance(losses, (tuple, list)) and not has_aux
     hint = "; for a (losses, aux) pair, pass has_aux=True" if pair else ""
@@ -82,7 +82,8 @@ def task_vjp(
       )
   # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
   # state would be silently frozen (and a function leaf fails inside JAX).
-  _validation.check_differentiable(differentiated(args, argnums), name=f"args[{argnums}]")
+  for i in argnum_tuple:
+    _validation.check_differentiable(args[i], name=f"args[{i}]")
 
   def fun_of_diff_args(*diff_args: Any) -> Any:
     full_args = list(args)

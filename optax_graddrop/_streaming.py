@@ -55,8 +55,9 @@ def graddrop_value_and_grad(
   It never builds the ``[T, ...]`` stack of :func:`per_task_value_and_grad`:
   with ``chunk_size=1`` its memory is that of one backward pass plus two to
   six parameter-sized sums, whatever ``T`` (on CPU, a model with
-  convolutions needs 1.8-2.4x a plain backward pass's scratch memory, also
-  whatever ``T``: see the scale guide's "What ``chunk_size`` costs"). With the same key and options,
+  convolutions needs more, also whatever ``T``: 1.7x a plain backward pass
+  on the benchmark conv net; see the scale guide's "What ``chunk_size``
+  costs"). With the same key and options,
   the result equals ``graddrop`` of the stacked per-task gradients
   (statistics included): exactly when the per-task gradients are, within
   float rounding otherwise, for every ``chunk_size``.

@@ -235,7 +235,8 @@ def check_differentiable(primal: Any, *, name: str = "args[0]") -> None:
     raise TypeError(
       f"`{name}{jax.tree_util.keystr(path)}` {what}; every leaf of a "
       "differentiated argument must be a real float array (as for "
-      "jax.value_and_grad). For an Equinox module, differentiate "
+      "jax.value_and_grad): pass such leaves (e.g. integer ids) in an argument "
+      "not in `argnums`. For an Equinox module, differentiate "
       "`params, static = eqx.partition(model, eqx.is_inexact_array)` and rebuild "
       "the model with `eqx.combine(params, static)` in the loss function. "
       "For a Flax NNX model with rng state or counters, "
@@ -244,8 +245,7 @@ def check_differentiable(primal: Any, *, name: str = "args[0]") -> None:
       "function merging a copy, `nnx.merge(graphdef, params, rest, copy=True)`, and "
       "returning `(losses, nnx.state(model, nnx.Not(nnx.Param)))` with "
       "`has_aux=True`, so that `nnx.update(model, new_rest)` advances its random "
-      "streams (docs/guide/usage.md, 'NNX models with rng state'). Otherwise move "
-      "the non-float leaves to an argument not in `argnums`."
+      "streams (docs/guide/usage.md, 'NNX models with rng state')."
     )
 
 
@@ -492,37 +492,53 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     One Python bool per leaf of ``like``, in leaf order.
 
   Raises:
-    ValueError: if a leaf of ``like`` has no entry in the mask, or the mask
-      selects no leaf at all (the aggregator would be the plain sum).
+    ValueError: if a leaf of ``like`` has no entry in the mask, or a callable
+      mask returns False for every leaf (the aggregator would apply nowhere:
+      often a test of the last path entry, which is ``.value`` in an
+      ``nnx.State`` of Variables). A tree of bools may select nothing in one
+      call (a part of the model, under ``optax.partition``).
     TypeError: if a mask leaf is not a concrete bool, or ``mask`` is a class
       or an NNX filter.
   """
-  paths = [_names(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
+  leaves = jax.tree_util.tree_leaves_with_path(like)
   if mask is None:
-    return [True] * len(paths)
+    return [True] * len(leaves)
   if isinstance(mask, type) or type(mask).__module__.startswith("flax.nnx.filterlib"):
     raise TypeError(
       f"`{name}` must be a pytree of bools shaped like the parameters (or a prefix of "
-      f"it), or a function returning one; got {mask!r}, which looks like an NNX "
-      "filter. Select leaves by their paths instead, e.g. {'trunk': True, 'heads': False}."
+      f"it), or a function returning one; got {mask!r}, a class or an NNX filter. Select "
+      "leaves by their paths instead, e.g. {'trunk': True, 'heads': False}."
     )
-  if _is_mask_fn(mask, like):
+  is_fn = _is_mask_fn(mask, like)
+  if is_fn:
     mask = mask(like)
   entries = {}
   for path, value in jax.tree_util.tree_leaves_with_path(mask):
     where = f"`{name}{jax.tree_util.keystr(path)}`"
-    if isinstance(value, jax.core.Tracer) or jnp.shape(value) != ():
-      what = "a tracer" if isinstance(value, jax.core.Tracer) else "an array"
+    if isinstance(value, jax.core.Tracer):
       raise TypeError(
-        f"Every leaf of `{name}` must be a concrete bool; {where} is {what} of shape "
-        f"{jnp.shape(value)}. A mask selects whole leaves: a leaf stacked over layers "
-        "gets the aggregator in all its layers or in none."
+        f"Every leaf of `{name}` must be a concrete bool, known when tracing; {where} is traced."
+      )
+    if isinstance(value, (np.ndarray, jax.Array)) and value.shape != ():
+      raise TypeError(
+        f"Every leaf of `{name}` must be a bool; {where} is an array of shape {value.shape}. "
+        "A mask selects whole leaves: a leaf stacked over layers gets the aggregator in "
+        "all its layers or in none."
       )
     if not _is_bool(value):
       raise TypeError(f"Every leaf of `{name}` must be a bool; {where} is {value!r}.")
     entries[_names(path)] = bool(value)
+  if is_fn and leaves and not any(entries.values()):
+    seen = [jax.tree_util.keystr(path) for path, _ in leaves]
+    raise ValueError(
+      f"`{name}` returned False for every parameter, so the aggregator would apply "
+      f"nowhere. The key paths it was given: {', '.join(seen[:4])}"
+      f"{', ...' if len(seen) > 4 else ''}. (A part of the model that needs no "
+      "GradDrop, e.g. under optax.partition, takes `sum_transform()` instead.)"
+    )
   selected = []
-  for (path, _), names in zip(jax.tree_util.tree_leaves_with_path(like), paths):
+  for path, _ in leaves:
+    names = _names(path)
     prefixes = [names[:end] for end in range(len(names), -1, -1) if names[:end] in entries]
     if not prefixes:
       raise ValueError(
@@ -532,13 +548,4 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
         f"returning one; got {mask!r}."
       )
     selected.append(entries[prefixes[0]])
-  if paths and not any(selected):
-    # Often a callable testing the last path entry of an nnx.State of Variables,
-    # whose paths end in `.value`: show the paths it saw.
-    seen = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(like)]
-    raise ValueError(
-      f"`{name}` selects no parameter, so the aggregator would apply nowhere (for the "
-      "plain sum, use `sum_transform` or `sum_tasks`). The parameters' key paths, as a "
-      f"callable mask sees them: {', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}."
-    )
   return selected

@@ -333,7 +333,7 @@ def test_bad_input_is_rejected(fn):
     ogd.pcgrad(jnp.ones((2, 3)), 0)
 
 
-@pytest.mark.parametrize("bad", [-1, 2.5, True])
+@pytest.mark.parametrize("bad", [-1, 2.5, True, np.int64(2**40)])
 def test_bad_num_iterations_is_rejected(bad):
   with pytest.raises(ValueError, match="`num_iterations`"):
     ogd.mgda(jnp.ones((3, 2)), bad)

@@ -251,11 +251,19 @@ def test_adam_after_graddrop_sees_the_error_not_a_broadcast():
   [
     ({"w": True}, ValueError, r"`mask` has no entry for the parameter at \['b'\]"),
     ({"w": 1.0, "b": True}, TypeError, "Every leaf of `mask` must be a bool"),
-    (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "concrete bool.*whole leaves"),
-    (False, ValueError, r"selects no parameter.*key paths.*\['b'\], \['w'\]"),
-    (lambda p: jax.tree.map(lambda _: False, p), ValueError, "selects no parameter"),
-    (nnx.Param, TypeError, "looks like an NNX filter"),
-    (nnx.PathContains("w"), TypeError, "looks like an NNX filter"),
+    (lambda p: {"w": jnp.ones(3, bool), "b": True}, TypeError, "shape \\(3,\\).*whole leaves"),
+    (
+      {"w": (nnx.Param, nnx.BatchStat), "b": True},
+      TypeError,
+      "must be a bool; `mask\\['w'\\]\\[0\\]` is <class",
+    ),
+    (
+      lambda p: jax.tree.map(lambda _: False, p),
+      ValueError,
+      r"returned False for every parameter.*key paths it was given: \['b'\], \['w'\]",
+    ),
+    (nnx.Param, TypeError, "a class or an NNX filter"),
+    (nnx.PathContains("w"), TypeError, "a class or an NNX filter"),
   ],
 )
 def test_bad_masks_are_named(mask, error, match):
@@ -281,6 +289,8 @@ def test_a_callable_mask_sees_the_paths_of_an_nnx_state_of_variables():
 
   with pytest.raises(ValueError, match=r"\['bias'\]\.value, \['kernel'\]\.value"):
     ogd.graddrop(task_grads, KEY, mask=last_entry_is_kernel)
+  with pytest.raises(TypeError, match="known when tracing; `mask` is traced"):
+    jax.jit(lambda m: ogd.graddrop(task_grads, KEY, mask=m))(True)
 
   def has_kernel(params):
     return jax.tree_util.tree_map_with_path(
@@ -393,3 +403,10 @@ def test_numpy_integers_are_accepted_where_ints_are():
   assert layer.num_tasks == 2 and layer.options["batch_axes"] == (0, 1)
   assert ogd.gradnorm(np.int64(2)).init().weights.shape == (2,)
   ogd.mgda(STACKED, num_iterations=np.int64(3))
+  generator_axes = (axis for axis in (0, 1))
+  chex.assert_trees_all_equal(
+    ogd.fork(features, KEY, 2, batch_axes=generator_axes),
+    ogd.fork(features, KEY, 2, batch_axes=(0, 1)),
+  )
+  losses, grads = ogd.per_task_value_and_grad(lambda w: np.ones(2, np.float32))(w)
+  chex.assert_trees_all_equal((losses, grads), (jnp.ones(2), jnp.zeros((2, 3))))

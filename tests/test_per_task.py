@@ -184,3 +184,12 @@ def test_non_float_leaves_are_named_with_what_to_pass(make, leaf):
     match=r"`args\[0\]\['extra'\]` (has dtype int32|is <.*tanh.*>, not an array); .*eqx\.partition",
   ):
     fun(model)
+
+
+def test_a_non_float_argument_among_argnums_is_named_by_its_position():
+  def losses(w, ids, scale):
+    return jnp.stack([jnp.sum(w[ids]) * scale, jnp.sum(w**2)])
+
+  fun = ogd.per_task_value_and_grad(losses, argnums=(0, 1))
+  with pytest.raises(TypeError, match=r"`args\[1\]` has dtype int32; .*not in `argnums`"):
+    fun(jnp.ones(3), jnp.array([0, 2]), 2.0)
