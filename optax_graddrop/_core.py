@@ -94,7 +94,7 @@ def keep_fn(keep: Keep = "linear", scale: float = 1.0) -> KeepFn:
 
   Raises:
     ValueError: for an unknown name, a ``scale`` that is not finite, or a
-      ``scale`` given with ``"random"`` or a callable.
+      concrete ``scale`` other than 1 given with ``"random"`` or a callable.
 
   Example:
     >>> import jax.numpy as jnp
@@ -423,7 +423,8 @@ def sign_purity(task_grads: jax.Array, eps: float = 0.0) -> jax.Array:
 
   ``P = 1/2 (1 + sum_i g_i / (sum_i |g_i| + eps))``, in ``[0, 1]``: 1 where
   every task gradient is positive, 0 where every one is negative, 1/2 where
-  all are zero.
+  all are zero (NaN where ``sum_i |g_i|`` overflows the dtype, as it does
+  for non-finite gradients).
 
   Args:
     task_grads: array of shape ``[T, ...]`` (task axis first).

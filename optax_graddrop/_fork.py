@@ -166,6 +166,8 @@ def graddrop_activation(
     >>> float(stats.conflict_fraction)  # every feature: the tasks disagree
     1.0
   """
+  if not task_cotangents:
+    raise ValueError("`task_cotangents` is empty; pass one cotangent per task (at least one).")
   num_tasks, batch_axes = _check_options(features, len(task_cotangents), marginalize, batch_axes)
   key = _validation.check_key(key)
   leak_per_task = _validation.check_leak(leak, num_tasks)

@@ -115,7 +115,7 @@ def graddrop(
 
   Raises:
     ValueError, TypeError: for inputs that do not fit the above, naming the
-      argument (see the README's error table).
+      argument (see the table in ``docs/guide/errors.md``).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -182,7 +182,7 @@ def check_task_grads(task_grads: Any, *, name: str = "task_grads") -> int:
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating) or jnp.finfo(dtype).bits < 16:
       raise TypeError(
-        f"{where} has dtype {dtype}; GradDrop needs real floating-point "
+        f"{where} has dtype {dtype}; the aggregators need real floating-point "
         "gradients (float16, bfloat16, float32 or float64)."
       )
     shape = jnp.shape(leaf)

@@ -22,6 +22,8 @@ from optax_graddrop import _core
 from optax_graddrop import _fork
 from optax_graddrop import _validation
 
+__all__ = ["GradDrop"]
+
 
 class GradDrop(nn.Module):
   """Splits a shared representation into ``num_tasks`` branches with GradDrop.

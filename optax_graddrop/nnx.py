@@ -23,6 +23,8 @@ from optax_graddrop import _core
 from optax_graddrop import _fork
 from optax_graddrop import _validation
 
+__all__ = ["GradDrop", "Stats"]
+
 
 class Stats(nnx.Variable):
   """The :class:`~optax_graddrop.GradDropStats` of a GradDrop layer, as a probe.

@@ -174,6 +174,14 @@ def test_fork_and_layers_reject_bad_input(changes, error, match):
 def test_graddrop_activation_rejects_mismatched_cotangents():
   with pytest.raises(ValueError, match=r"`task_cotangents\[1\]` has structure"):
     ogd.graddrop_activation({"a": jnp.ones(3)}, [{"a": jnp.ones(3)}, jnp.ones(3)], KEY)
+  with pytest.raises(ValueError, match="`task_cotangents` is empty"):
+    ogd.graddrop_activation(jnp.ones(3), [], KEY)
+
+
+def test_the_layer_modules_export_their_layers_only():
+  assert ogd.nnx.__all__ == ["GradDrop", "Stats"] and ogd.linen.__all__ == ["GradDrop"]
+  for module in (ogd.nnx, ogd.linen):
+    assert all(hasattr(module, name) for name in module.__all__)
 
 
 @pytest.mark.parametrize(
