@@ -42,6 +42,11 @@ def check_chunk_size(chunk_size: Any) -> int | None:
   return None if chunk_size is None else int(chunk_size)
 
 
+def argnum_tuple(argnums: int | Sequence[int]) -> tuple[int, ...]:
+  """The differentiated positions, as a tuple."""
+  return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
 def differentiated(args: Sequence[Any], argnums: int | Sequence[int]) -> Any:
   """The differentiated argument (a tuple of them when ``argnums`` is a sequence)."""
   return args[argnums] if isinstance(argnums, int) else tuple(args[i] for i in argnums)
@@ -73,8 +78,8 @@ def task_vjp(
       return a non-empty 1-D float vector.
     TypeError: if a differentiated leaf is not a real float array.
   """
-  argnum_tuple = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-  for i in argnum_tuple:
+  positions = argnum_tuple(argnums)
+  for i in positions:
     if not -len(args) <= i < len(args):
       raise ValueError(
         f"`argnums` names positional argument {i}, but the function was "
@@ -82,16 +87,16 @@ def task_vjp(
       )
   # jax.vjp gives non-float leaves float0 cotangents: an NNX model's rng
   # state would be silently frozen (and a function leaf fails inside JAX).
-  for i in argnum_tuple:
+  for i in positions:
     _validation.check_differentiable(args[i], name=f"args[{i}]")
 
   def fun_of_diff_args(*diff_args: Any) -> Any:
     full_args = list(args)
-    for i, arg in zip(argnum_tuple, diff_args):
+    for i, arg in zip(positions, diff_args):
       full_args[i] = arg
     return fun(*full_args, **kwargs)
 
-  diff_args = [args[i] for i in argnum_tuple]
+  diff_args = [args[i] for i in positions]
   if has_aux:
     losses, vjp_fn, aux = jax.vjp(fun_of_diff_args, *diff_args, has_aux=True)
   else:

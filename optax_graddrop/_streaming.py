@@ -53,11 +53,12 @@ def graddrop_value_and_grad(
     out = sum_i (l_i + (1 - l_i) M_i) g_i
 
   It never builds the ``[T, ...]`` stack of :func:`per_task_value_and_grad`:
-  with ``chunk_size=1`` its memory is that of one backward pass plus two to
-  six parameter-sized sums, whatever ``T`` (on CPU, a model with
-  convolutions needs more, also whatever ``T``: 1.7x a plain backward pass
-  on the benchmark conv net; see the scale guide's "What ``chunk_size``
-  costs"). With the same key and options,
+  with ``chunk_size=1`` its memory is that of one backward pass plus
+  parameter-sized running sums (two, four with a leak, which the loop over
+  tasks may hold twice), whatever ``T`` (on CPU, a model with convolutions
+  needs more, also whatever ``T``: 1.7x a plain backward pass on the
+  benchmark conv net; see the scale guide's "What ``chunk_size`` costs").
+  With the same key and options,
   the result equals ``graddrop`` of the stacked per-task gradients
   (statistics included): exactly when the per-task gradients are, within
   float rounding otherwise, for every ``chunk_size``.
@@ -124,7 +125,8 @@ def graddrop_value_and_grad(
     selected = _validation.mask_leaves(mask, primal)
     leaves, treedef = jax.tree_util.tree_flatten(primal)
     shapes = [jnp.shape(leaf) for leaf in leaves]
-    _validation.check_concrete_shapes(primal, name=f"args[{argnums}]")
+    for i in _per_task.argnum_tuple(argnums):
+      _validation.check_concrete_shapes(args[i], name=f"args[{i}]")
     dtypes = [jnp.result_type(leaf) for leaf in leaves]
     segments, total_calls = _layout.plan(
       shapes,

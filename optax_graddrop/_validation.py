@@ -528,7 +528,7 @@ def mask_leaves(mask: Any, like: Any, *, name: str = "mask") -> list[bool]:
     if not _is_bool(value):
       raise TypeError(f"Every leaf of `{name}` must be a bool; {where} is {value!r}.")
     entries[_names(path)] = bool(value)
-  if is_fn and leaves and not any(entries.values()):
+  if is_fn and leaves and entries and not any(entries.values()):
     seen = [jax.tree_util.keystr(path) for path, _ in leaves]
     raise ValueError(
       f"`{name}` returned False for every parameter, so the aggregator would apply "
